@@ -1,0 +1,145 @@
+#include "longattn/parallel.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace longattn {
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("LONGATTN_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Workers sleep on a condition variable between jobs; a job is a chunk counter that the
+// workers and the caller drain together, so uneven chunks balance themselves.
+class Pool {
+ public:
+  explicit Pool(int n) { resize(n); }
+  ~Pool() { stop(); }
+
+  int size() const { return size_; }
+
+  void resize(int n) {
+    stop();
+    size_ = std::max(1, n);
+    quit_ = false;
+    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  void run(int64_t chunks, const std::function<void(int64_t)>& chunk_fn) {
+    std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &chunk_fn;
+      total_ = chunks;
+      next_.store(0);
+      done_.store(0);
+      ++generation_;
+    }
+    cv_.notify_all();
+    drain(&chunk_fn);
+    std::unique_lock<std::mutex> lk(mu_);
+    // Wait for every chunk and for every worker to have left this job, so that no worker
+    // can touch chunk_fn after it goes out of scope.
+    done_cv_.wait(lk, [&] { return done_.load() == total_ && active_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void drain(const std::function<void(int64_t)>* job) {
+    int64_t i;
+    while ((i = next_.fetch_add(1)) < total_) {
+      (*job)(i);
+      if (done_.fetch_add(1) + 1 == total_) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_cv_.notify_all();
+      }
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t)>* job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return quit_ || (generation_ != seen && job_ != nullptr); });
+        if (quit_) return;
+        seen = generation_;
+        job = job_;
+        ++active_;
+      }
+      drain(job);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        --active_;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  int size_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t total_ = 0;
+  std::atomic<int64_t> next_{0}, done_{0};
+  uint64_t generation_ = 0;
+  int active_ = 0;
+  bool quit_ = false;
+};
+
+Pool& pool() {
+  static Pool p(default_threads());
+  return p;
+}
+
+}  // namespace
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) { pool().resize(n); }
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = pool().size();
+  if (threads == 1 || n <= grain) {
+    fn(0, n);
+    return;
+  }
+  // A few chunks per thread so that a slow thread does not hold everyone up.
+  int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, int64_t(threads) * 4);
+  int64_t step = (n + chunks - 1) / chunks;
+  chunks = (n + step - 1) / step;
+  pool().run(chunks, [&](int64_t c) { fn(c * step, std::min(n, (c + 1) * step)); });
+}
+
+}  // namespace longattn

@@ -1,0 +1,49 @@
+"""longattn: attention kernels for long-context language models.
+
+Ops accept torch, NumPy, CuPy, Numba CUDA and JAX arrays and return the caller's type on the
+caller's device. See README.md for the status of each op on CPU and CUDA.
+"""
+from __future__ import annotations
+
+from . import _C
+from .rope import apply_rope
+from .rope_scaling import ROPE_TYPES, rope_frequencies
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_rope",
+    "rope_frequencies",
+    "ROPE_TYPES",
+    "build_info",
+    "cuda_available",
+    "num_threads",
+    "set_num_threads",
+]
+
+
+def cuda_available() -> bool:
+    """True when the CUDA backend was compiled and a GPU with a working driver is visible."""
+    info = _C.build_info()
+    return bool(info["cuda_compiled"]) and info["cuda_device_count"] > 0
+
+
+def build_info() -> dict:
+    """What this build contains and what it sees: version, CPU ISA level the CPU kernels
+    dispatch to, thread count, CUDA compiled or not, archs, runtime version, visible GPUs."""
+    info = dict(_C.build_info())
+    archs = info.pop("cuda_archs")
+    info["cuda_archs"] = [a for a in archs.split(",") if a]
+    info["cuda_available"] = bool(info["cuda_compiled"]) and info["cuda_device_count"] > 0
+    info["version"] = __version__
+    return info
+
+
+def num_threads() -> int:
+    """Threads used by the CPU kernels (LONGATTN_NUM_THREADS, default: CPUs available)."""
+    return _C.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads the CPU kernels use."""
+    _C.set_num_threads(int(n))

@@ -1,0 +1,151 @@
+"""torch integration: torch.library custom ops with fake (meta) implementations, so that
+torch.compile(fullgraph=True) traces through longattn, plus autograd formulas.
+
+Imported only when a torch tensor reaches a public op; longattn itself never requires torch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import rope as _rope
+
+# ---- RoPE ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("longattn::rope", mutates_args=(), device_types=("cpu", "cuda"))
+def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
+         attention_factor: float, interleaved: bool, conjugate: bool) -> List[torch.Tensor]:
+    """Out-of-place RoPE; returns [q_rot] or [q_rot, k_rot] (contiguous)."""
+    freqs = _rope.inv_freq_values(inv_freq)
+    q_out, k_out = _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, False)
+    return [q_out] if k is None else [q_out, k_out]
+
+
+@rope.register_fake
+def _rope_fake(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
+    outs = [torch.empty(q.shape, dtype=q.dtype, device=q.device)]
+    if k is not None:
+        outs.append(torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    return outs
+
+
+def _rope_setup_context(ctx, inputs, output):
+    _, k, positions, inv_freq, attention_factor, interleaved, conjugate = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.args = (attention_factor, interleaved, conjugate)
+    ctx.has_k = k is not None
+    ctx.q_meta = (inputs[0].shape, inputs[0].dtype, inputs[0].device)
+    ctx.k_meta = None if k is None else (k.shape, k.dtype, k.device)
+
+
+def _grad(g: Optional[torch.Tensor], meta) -> torch.Tensor:
+    # Incoming gradients may be None (output unused) or have any strides (e.g. the
+    # stride-0 expansion from .sum()); the kernels want a contiguous last dim.
+    if g is None:
+        shape, dtype, device = meta
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return g if g.stride(-1) == 1 else g.contiguous()
+
+
+def _rope_backward(ctx, grads):
+    # y = attention_factor * R(p) x, so dL/dx = attention_factor * R(p)^T dL/dy: the same op
+    # with the conjugate rotation.
+    positions, inv_freq = ctx.saved_tensors
+    attention_factor, interleaved, conjugate = ctx.args
+    gq = _grad(grads[0], ctx.q_meta)
+    gk = _grad(grads[1], ctx.k_meta) if ctx.has_k else None
+    outs = torch.ops.longattn.rope(gq, gk, positions, inv_freq, attention_factor, interleaved, not conjugate)
+    return outs[0], (outs[1] if ctx.has_k else None), None, None, None, None, None
+
+
+torch.library.register_autograd("longattn::rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+@torch.library.custom_op("longattn::rope_", mutates_args=("q", "k"), device_types=("cpu", "cuda"))
+def rope_(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
+          attention_factor: float, interleaved: bool, conjugate: bool) -> None:
+    """In-place RoPE: rotates q (and k) in their own memory."""
+    freqs = _rope.inv_freq_values(inv_freq)
+    _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, True)
+
+
+@rope_.register_fake
+def _rope_inplace_fake(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
+    return None
+
+
+class _RopeInplace(torch.autograd.Function):
+    """Autograd for the in-place op (torch.library's autograd registration covers
+    functional ops only): marks q and k dirty; the backward is the conjugate rotation."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, inv_freq, attention_factor, interleaved):
+        torch.ops.longattn.rope_(q, k, positions, inv_freq, attention_factor, interleaved, False)
+        ctx.mark_dirty(*([q] if k is None else [q, k]))
+        ctx.save_for_backward(positions, inv_freq)
+        ctx.args = (attention_factor, interleaved)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        positions, inv_freq = ctx.saved_tensors
+        attention_factor, interleaved = ctx.args
+        gq = gq if gq.stride(-1) == 1 else gq.contiguous()
+        gk = gk if gk is None or gk.stride(-1) == 1 else gk.contiguous()
+        outs = torch.ops.longattn.rope(gq, gk, positions, inv_freq, attention_factor, interleaved, True)
+        return outs[0], (outs[1] if gk is not None else None), None, None, None, None
+
+
+ROPE_OPS = [torch.ops.longattn.rope.default, torch.ops.longattn.rope_.default]
+
+
+def _positions_tensor(q: torch.Tensor, positions) -> Optional[torch.Tensor]:
+    if positions is None or isinstance(positions, torch.Tensor):
+        return positions
+    if isinstance(positions, (list, tuple, range)):
+        return torch.as_tensor(list(positions), dtype=torch.int64, device=q.device)
+    raise TypeError(f"apply_rope: positions is a {type(positions).__module__}.{type(positions).__name__} but q is "
+                    f"a torch tensor; pass arrays of one framework")
+
+
+def _inv_freq_tensor(inv_freq) -> torch.Tensor:
+    # A tensor rather than a list of floats, so that torch.compile can trace a NumPy
+    # inv_freq (dynamo turns NumPy arrays into tensors). Host-side values are read in the
+    # op, which needs them on the CPU; a GPU inv_freq costs one small copy.
+    t = inv_freq if isinstance(inv_freq, torch.Tensor) else torch.as_tensor(inv_freq)
+    if t.dim() != 1 or not 1 <= t.numel() <= 256:
+        raise ValueError(f"apply_rope: inv_freq must be 1-D with 1 to 256 entries, got shape {tuple(t.shape)}")
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"apply_rope: inv_freq must hold floats, got {t.dtype}")
+    return t.detach().to(torch.float32)
+
+
+def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
+               attention_factor: float, interleaved: bool, inplace: bool, stream: Optional[int]):
+    if k is not None and not isinstance(k, torch.Tensor):
+        raise TypeError(f"apply_rope: k is a {type(k).__module__}.{type(k).__name__} but q is a torch tensor; "
+                        f"pass arrays of one framework")
+    positions = _positions_tensor(q, positions)
+    if positions is not None and positions.dtype not in (torch.int32, torch.int64):
+        if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            raise TypeError(f"apply_rope: positions must have an integer dtype, got {positions.dtype}")
+        positions = positions.to(torch.int64)
+    if stream is not None:
+        # An explicit stream bypasses torch's stream bookkeeping: call the kernels directly.
+        if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
+            raise ValueError("apply_rope: stream= is for inference; under autograd use torch.cuda.stream(...)")
+        q_out, k_out = _rope.rope_arrays(q, k, positions, _rope.inv_freq_values(inv_freq), attention_factor,
+                                         interleaved, False, inplace, stream)
+        return q_out if k is None else (q_out, k_out)
+    freqs = _inv_freq_tensor(inv_freq)
+    if inplace:
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+        if needs_grad:
+            q, k = _RopeInplace.apply(q, k, positions, freqs, attention_factor, interleaved)
+        else:
+            torch.ops.longattn.rope_(q, k, positions, freqs, attention_factor, interleaved, False)
+        return q if k is None else (q, k)
+    outs = torch.ops.longattn.rope(q, k, positions, freqs, attention_factor, interleaved, False)
+    return outs[0] if k is None else (outs[0], outs[1])
