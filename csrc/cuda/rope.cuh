@@ -14,6 +14,7 @@ namespace longattn {
 namespace cuda {
 
 constexpr int kRopeThreads = 128;
+constexpr int64_t kMaxGrid = 1 << 30;
 
 template <typename T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
@@ -37,29 +38,12 @@ struct Unit {
   static constexpr int kElems = (Interleaved && V == 1) ? 2 : V;
 };
 
+// Rotates every q and k head of token (b, s) with the block's threads, given its cos/sin.
 template <typename T, bool Interleaved, int V>
-__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
-  __shared__ float cs[kRopeMaxHalf];
-  __shared__ float sn[kRopeMaxHalf];
+__device__ __forceinline__ void rotate_token(const RopeParams& p, int64_t b, int64_t s, const float* cs,
+                                             const float* sn) {
   constexpr int E = Unit<Interleaved, V>::kElems;
-
-  const int64_t token = blockIdx.x;
-  const int64_t b = token / p.seqlen, s = token % p.seqlen;
-  int64_t pos = s;
-  if (p.positions) {
-    const int64_t off = b * p.pos_stride[0] + s * p.pos_stride[1];
-    pos = p.pos_dtype == DType::Int32 ? int64_t(static_cast<const int32_t*>(p.positions)[off])
-                                      : static_cast<const int64_t*>(p.positions)[off];
-  }
   const int half = int(p.rotary_half);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    float sv, cv;
-    sincosf(float(pos) * p.inv_freq[i], &sv, &cv);  // float32 angle, as transformers
-    cs[i] = cv * float(p.attention_factor);
-    sn[i] = sv * float(p.attention_factor) * p.sin_sign;
-  }
-  __syncthreads();
-
   const int rot = 2 * half;
   const int rot_units = Interleaved ? rot / E : half / E;
   const bool copy_rest = p.q_out != p.q;  // in place: pass-through channels stay as they are
@@ -123,6 +107,32 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   }
 }
 
+template <typename T, bool Interleaved, int V>
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+  __shared__ float cs[kRopeMaxHalf];
+  __shared__ float sn[kRopeMaxHalf];
+  const int half = int(p.rotary_half);
+  const int64_t tokens = p.batch * p.seqlen;
+  for (int64_t token = blockIdx.x; token < tokens; token += gridDim.x) {
+    const int64_t b = token / p.seqlen, s = token % p.seqlen;
+    int64_t pos = s;
+    if (p.positions) {
+      const int64_t off = b * p.pos_stride[0] + s * p.pos_stride[1];
+      pos = p.pos_dtype == DType::Int32 ? int64_t(static_cast<const int32_t*>(p.positions)[off])
+                                        : static_cast<const int64_t*>(p.positions)[off];
+    }
+    __syncthreads();  // the previous token's rotation is done with cs/sn
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+      float sv, cv;
+      sincosf(float(pos) * p.inv_freq[i], &sv, &cv);  // float32 angle, as transformers
+      cs[i] = cv * float(p.attention_factor);
+      sn[i] = sv * float(p.attention_factor) * p.sin_sign;
+    }
+    __syncthreads();
+    rotate_token<T, Interleaved, V>(p, b, s, cs, sn);
+  }
+}
+
 inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // Widest vector the arguments allow: 16 bytes when every pointer, stride and channel
@@ -145,10 +155,11 @@ template <typename T, bool Interleaved>
 cudaError_t launch_rope(const RopeParams& p, cudaStream_t stream) {
   const int64_t tokens = p.batch * p.seqlen;
   if (tokens == 0) return cudaSuccess;
+  const dim3 grid(unsigned(tokens < kMaxGrid ? tokens : kMaxGrid));  // the kernel strides over the rest
   if (rope_vectorizable<T>(p))
-    rope_kernel<T, Interleaved, 16 / sizeof(T)><<<dim3(unsigned(tokens)), kRopeThreads, 0, stream>>>(p);
+    rope_kernel<T, Interleaved, 16 / sizeof(T)><<<grid, kRopeThreads, 0, stream>>>(p);
   else
-    rope_kernel<T, Interleaved, 1><<<dim3(unsigned(tokens)), kRopeThreads, 0, stream>>>(p);
+    rope_kernel<T, Interleaved, 1><<<grid, kRopeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
