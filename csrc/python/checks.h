@@ -43,6 +43,15 @@ inline void last_dim_contiguous(const char* op, const char* name, const TensorVi
                            t.stride[t.ndim - 1]));
 }
 
+// An output whose elements overlap (a broadcast, stride-0 view) would be written by
+// several threads at once.
+inline void no_broadcast(const char* op, const char* name, const TensorView& t) {
+  for (int d = 0; d < t.ndim; ++d)
+    LONGATTN_CHECK_VALUE(t.shape[d] <= 1 || t.stride[d] != 0,
+                         cat(op, ": ", name, " is written but has stride 0 in dim ", d,
+                             " (a broadcast view); pass an array that owns its elements"));
+}
+
 inline void same_dtype(const char* op, const char* name, const TensorView& t, const char* ref_name,
                        const TensorView& ref) {
   LONGATTN_CHECK_TYPE(t.dtype == ref.dtype, cat(op, ": ", name, " must have the dtype of ", ref_name, " (",

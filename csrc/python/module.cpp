@@ -92,8 +92,11 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
     same_dtype(op, name, out, "q", q);
     same_device(op, name, out, "q", q);
     last_dim_contiguous(op, name, out);
+    no_broadcast(op, name, out);
   };
-  check_out("q_out", q_out, q);
+  // In place, the outputs are q and k themselves: name them so.
+  const bool inplace = q_out.data == q.data;
+  check_out(inplace ? "q" : "q_out", q_out, q);
   if (k) {
     ndim(op, "k", *k, 4, "(batch, seq, heads, head_dim)");
     dim_equals(op, "k", *k, 0, B, "batch");
@@ -103,7 +106,7 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
     same_device(op, "k", *k, "q", q);
     last_dim_contiguous(op, "k", *k);
     LONGATTN_CHECK_VALUE(k_out != nullptr, cat(op, ": k_out is required with k"));
-    check_out("k_out", *k_out, *k);
+    check_out(inplace ? "k" : "k_out", *k_out, *k);
   }
   RopeParams p;
   if (positions) {
