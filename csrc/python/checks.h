@@ -38,7 +38,8 @@ inline void dim_equals(const char* op, const char* name, const TensorView& t, in
 }
 
 inline void last_dim_contiguous(const char* op, const char* name, const TensorView& t) {
-  LONGATTN_CHECK_VALUE(t.ndim == 0 || t.shape[t.ndim - 1] <= 1 || t.stride[t.ndim - 1] == 1,
+  // Empty arrays are exempt: NumPy reports all-zero strides for them.
+  LONGATTN_CHECK_VALUE(t.ndim == 0 || t.numel() == 0 || t.shape[t.ndim - 1] <= 1 || t.stride[t.ndim - 1] == 1,
                        cat(op, ": ", name, " must be contiguous in its last dim (stride 1), got stride ",
                            t.stride[t.ndim - 1]));
 }
@@ -46,6 +47,7 @@ inline void last_dim_contiguous(const char* op, const char* name, const TensorVi
 // An output whose elements overlap (a broadcast, stride-0 view) would be written by
 // several threads at once.
 inline void no_broadcast(const char* op, const char* name, const TensorView& t) {
+  if (t.numel() == 0) return;
   for (int d = 0; d < t.ndim; ++d)
     LONGATTN_CHECK_VALUE(t.shape[d] <= 1 || t.stride[d] != 0,
                          cat(op, ": ", name, " is written but has stride 0 in dim ", d,

@@ -76,28 +76,6 @@ def _rope_inplace_fake(q, k, positions, inv_freq, attention_factor, interleaved,
     return None
 
 
-class _RopeInplace(torch.autograd.Function):
-    """Autograd for the in-place op (torch.library's autograd registration covers
-    functional ops only): marks q and k dirty; the backward is the conjugate rotation."""
-
-    @staticmethod
-    def forward(ctx, q, k, positions, inv_freq, attention_factor, interleaved):
-        torch.ops.longattn.rope_(q, k, positions, inv_freq, attention_factor, interleaved, False)
-        ctx.mark_dirty(*([q] if k is None else [q, k]))
-        ctx.save_for_backward(positions, inv_freq)
-        ctx.args = (attention_factor, interleaved)
-        return q, k
-
-    @staticmethod
-    def backward(ctx, gq, gk):
-        positions, inv_freq = ctx.saved_tensors
-        attention_factor, interleaved = ctx.args
-        gq = gq if gq.stride(-1) == 1 else gq.contiguous()
-        gk = gk if gk is None or gk.stride(-1) == 1 else gk.contiguous()
-        outs = torch.ops.longattn.rope(gq, gk, positions, inv_freq, attention_factor, interleaved, True)
-        return outs[0], (outs[1] if gk is not None else None), None, None, None, None
-
-
 ROPE_OPS = [torch.ops.longattn.rope.default, torch.ops.longattn.rope_.default]
 
 
@@ -143,7 +121,13 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
     if inplace:
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
         if needs_grad:
-            q, k = _RopeInplace.apply(q, k, positions, freqs, attention_factor, interleaved)
+            # torch.library autograd covers functional ops only, and q/k are often views
+            # (slices of a packed qkv): compute out of place and copy_, which autograd
+            # records correctly on views and leaves.
+            outs = torch.ops.longattn.rope(q, k, positions, freqs, attention_factor, interleaved, False)
+            q.copy_(outs[0])
+            if k is not None:
+                k.copy_(outs[1])
         else:
             torch.ops.longattn.rope_(q, k, positions, freqs, attention_factor, interleaved, False)
         return q if k is None else (q, k)
