@@ -4,11 +4,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "checks.h"
+#include "longattn/attention.h"
 #include "longattn/cpu_isa.h"
 #include "longattn/errors.h"
 #include "longattn/parallel.h"
@@ -165,6 +169,238 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
       });
 }
 
+
+// ---- flash attention -------------------------------------------------------------------
+
+struct AttentionArgs {
+  const TensorView* cu_seqlens_q;
+  const TensorView* cu_seqlens_k;
+  int64_t max_seqlen_q, max_seqlen_k;
+  double scale, softcap;
+  const TensorView* alibi_slopes;
+  int64_t window_left, window_right;
+  bool causal;
+};
+
+void check_cu_seqlens(const char* op, const char* name, const TensorView& cu, int64_t batch, int64_t total) {
+  using namespace checks;
+  LONGATTN_CHECK_TYPE(cu.dtype == DType::Int32, cat(op, ": ", name, " must be int32, got ", dtype_name(cu.dtype)));
+  LONGATTN_CHECK_VALUE(cu.ndim == 1 && cu.shape[0] == batch + 1,
+                       cat(op, ": ", name, " must have shape (", batch + 1, ",), got ", shape_str(cu)));
+  if (cu.device != DeviceType::CPU) return;  // device values are validated by the Python layer on a host copy
+  const int32_t* c = static_cast<const int32_t*>(cu.data);
+  LONGATTN_CHECK_VALUE(batch + 1 == 0 || c[0] == 0, cat(op, ": ", name, "[0] must be 0, got ", c[0]));
+  for (int64_t i = 0; i < batch; ++i)
+    LONGATTN_CHECK_VALUE(c[(i + 1) * cu.stride[0]] >= c[i * cu.stride[0]],
+                         cat(op, ": ", name, " must be non-decreasing, but entry ", i + 1, " < entry ", i));
+  LONGATTN_CHECK_VALUE(c[batch * cu.stride[0]] == total,
+                       cat(op, ": ", name, "[-1] must equal the packed token count ", total, ", got ",
+                           c[batch * cu.stride[0]]));
+}
+
+// Checks q, k, v (and out/lse when given) and fills the kernel parameters.
+AttentionParams attention_params(const char* op, const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const TensorView& out, const TensorView* lse, const AttentionArgs& a) {
+  using namespace checks;
+  const bool varlen = a.cu_seqlens_q != nullptr;
+  LONGATTN_CHECK_VALUE(varlen == (a.cu_seqlens_k != nullptr), cat(op, ": pass both cu_seqlens_q and cu_seqlens_k"));
+  const int nd = varlen ? 3 : 4;
+  const char* layout = varlen ? "(total_tokens, heads, head_dim)" : "(batch, seqlen, heads, head_dim)";
+  const bool cuda = q.device == DeviceType::CUDA;
+  ndim(op, "q", q, nd, layout);
+  ndim(op, "k", k, nd, layout);
+  ndim(op, "v", v, nd, layout);
+  float_dtype(op, "q", q, cuda);
+  same_dtype(op, "k", k, "q", q);
+  same_dtype(op, "v", v, "q", q);
+  same_device(op, "k", k, "q", q);
+  same_device(op, "v", v, "q", q);
+  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"q", &q}, {"k", &k}, {"v", &v}})
+    last_dim_contiguous(op, name, *t);
+  const int h = nd - 2;  // heads dim
+  const int64_t H = q.shape[h], Hkv = k.shape[h], D = q.shape[h + 1], Dv = v.shape[h + 1];
+  if (!varlen) dim_equals(op, "k", k, 0, q.shape[0], "batch");
+  dim_equals(op, "k", k, h + 1, D, "head_dim (q's)");
+  dim_equals(op, "v", v, 0, k.shape[0], varlen ? "total_tokens (k's)" : "batch (k's)");
+  if (!varlen) dim_equals(op, "v", v, 1, k.shape[1], "seqlen (k's)");
+  dim_equals(op, "v", v, h, Hkv, "heads (k's)");
+  LONGATTN_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0,
+                       cat(op, ": q's heads (", H, ") must be a multiple of k's heads (", Hkv, ")"));
+  LONGATTN_CHECK_VALUE(D >= 1 && Dv >= 1, cat(op, ": head dims must be >= 1, got D=", D, " Dv=", Dv));
+  LONGATTN_CHECK_VALUE(a.window_left >= -1 && a.window_right >= -1,
+                       cat(op, ": window entries must be >= -1, got (", a.window_left, ", ", a.window_right, ")"));
+  LONGATTN_CHECK_VALUE(std::isfinite(a.softcap) && a.softcap >= 0,
+                       cat(op, ": softcap must be >= 0 and finite, got ", a.softcap));
+  LONGATTN_CHECK_VALUE(std::isfinite(a.scale), cat(op, ": softmax_scale must be finite, got ", a.scale));
+  // out: same layout as q with Dv; written, so no broadcast dims.
+  ndim(op, "out", out, nd, layout);
+  for (int d = 0; d < nd - 1; ++d)
+    LONGATTN_CHECK_VALUE(out.shape[d] == q.shape[d], cat(op, ": out has shape ", shape_str(out), ", q ", shape_str(q)));
+  dim_equals(op, "out", out, nd - 1, Dv, "head_dim_v");
+  same_dtype(op, "out", out, "q", q);
+  same_device(op, "out", out, "q", q);
+  last_dim_contiguous(op, "out", out);
+
+  AttentionParams p;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  p.dtype = q.dtype;
+  p.heads = H;
+  p.heads_kv = Hkv;
+  p.head_dim = D;
+  p.head_dim_v = Dv;
+  auto strides3 = [&](const TensorView& t, int64_t* s) {
+    if (varlen) {
+      s[0] = 0;
+      s[1] = t.stride[0];
+      s[2] = t.stride[1];
+    } else {
+      s[0] = t.stride[0];
+      s[1] = t.stride[1];
+      s[2] = t.stride[2];
+    }
+  };
+  strides3(q, p.q_stride);
+  strides3(k, p.k_stride);
+  strides3(v, p.v_stride);
+  strides3(out, p.out_stride);
+  if (varlen) {
+    const int64_t batch = a.cu_seqlens_q->ndim == 1 ? a.cu_seqlens_q->shape[0] - 1 : -1;
+    LONGATTN_CHECK_VALUE(batch >= 0, cat(op, ": cu_seqlens_q must be 1-D with batch + 1 entries"));
+    check_cu_seqlens(op, "cu_seqlens_q", *a.cu_seqlens_q, batch, q.shape[0]);
+    check_cu_seqlens(op, "cu_seqlens_k", *a.cu_seqlens_k, batch, k.shape[0]);
+    same_device(op, "cu_seqlens_q", *a.cu_seqlens_q, "q", q);
+    same_device(op, "cu_seqlens_k", *a.cu_seqlens_k, "q", q);
+    LONGATTN_CHECK_VALUE(a.cu_seqlens_q->stride[0] == 1 && a.cu_seqlens_k->stride[0] == 1,
+                         cat(op, ": cu_seqlens_q and cu_seqlens_k must be contiguous"));
+    p.batch = batch;
+    p.cu_seqlens_q = static_cast<const int32_t*>(a.cu_seqlens_q->data);
+    p.cu_seqlens_k = static_cast<const int32_t*>(a.cu_seqlens_k->data);
+    p.seqlen_q = a.max_seqlen_q;
+    p.seqlen_k = a.max_seqlen_k;
+    if (q.device == DeviceType::CPU) {  // the true maxima, so no sequence is skipped
+      p.seqlen_q = p.seqlen_k = 0;
+      for (int64_t b = 0; b < batch; ++b) {
+        p.seqlen_q = std::max<int64_t>(p.seqlen_q, p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]);
+        p.seqlen_k = std::max<int64_t>(p.seqlen_k, p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]);
+      }
+    }
+  } else {
+    p.batch = q.shape[0];
+    p.seqlen_q = q.shape[1];
+    p.seqlen_k = k.shape[1];
+  }
+  if (lse) {
+    LONGATTN_CHECK_TYPE(lse->dtype == DType::Float32, cat(op, ": lse must be float32, got ", dtype_name(lse->dtype)));
+    same_device(op, "lse", *lse, "q", q);
+    if (varlen) {
+      LONGATTN_CHECK_VALUE(lse->ndim == 2 && lse->shape[0] == H && lse->shape[1] == q.shape[0],
+                           cat(op, ": lse must have shape (", H, ", ", q.shape[0], "), got ", shape_str(*lse)));
+      p.lse_stride[0] = 0;
+      p.lse_stride[1] = lse->stride[0];
+      p.lse_stride[2] = lse->stride[1];
+    } else {
+      LONGATTN_CHECK_VALUE(lse->ndim == 3 && lse->shape[0] == p.batch && lse->shape[1] == H &&
+                               lse->shape[2] == p.seqlen_q,
+                           cat(op, ": lse must have shape (", p.batch, ", ", H, ", ", p.seqlen_q, "), got ",
+                               shape_str(*lse)));
+      p.lse_stride[0] = lse->stride[0];
+      p.lse_stride[1] = lse->stride[1];
+      p.lse_stride[2] = lse->stride[2];
+    }
+    p.lse = static_cast<float*>(lse->data);
+  }
+  if (a.alibi_slopes) {
+    const TensorView& al = *a.alibi_slopes;
+    LONGATTN_CHECK_TYPE(al.dtype == DType::Float32,
+                        cat(op, ": alibi_slopes must be float32, got ", dtype_name(al.dtype)));
+    same_device(op, "alibi_slopes", al, "q", q);
+    const bool ok = (al.ndim == 1 && al.shape[0] == H) || (al.ndim == 2 && al.shape[0] == p.batch && al.shape[1] == H);
+    LONGATTN_CHECK_VALUE(ok, cat(op, ": alibi_slopes must have shape (", H, ",) or (", p.batch, ", ", H, "), got ",
+                                 shape_str(al)));
+    LONGATTN_CHECK_VALUE(al.shape[al.ndim - 1] <= 1 || al.stride[al.ndim - 1] == 1,
+                         cat(op, ": alibi_slopes must be contiguous in its last dim"));
+    p.alibi_slopes = static_cast<const float*>(al.data);
+    p.alibi_batch_stride = al.ndim == 2 ? al.stride[0] : 0;
+  }
+  p.scale = a.scale;
+  p.softcap = a.softcap;
+  p.window_left = a.window_left;
+  p.window_right = a.causal ? 0 : a.window_right;  // causal: nothing right of the diagonal
+  return p;
+}
+
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const TensorView* lse, const AttentionArgs& a, uintptr_t stream) {
+  const char* op = a.cu_seqlens_q ? "flash_attention_varlen" : "flash_attention";
+  AttentionParams p = attention_params(op, q, k, v, out, lse, a);
+  LONGATTN_CHECK_VALUE(lse != nullptr, checks::cat(op, ": lse is required"));
+  if (p.batch == 0 || p.heads == 0) return;
+  NvtxRange range(op);
+  run_on_backend(
+      "flash_attention_forward", q, stream, [&] { cpu::attention_forward(p); },
+      [&](void*) -> int {
+        raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA kernel is not implemented yet; use CPU tensors"));
+      });
+}
+
+void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                        const TensorView& lse, const TensorView& dout, const TensorView* dlse, const TensorView& dq,
+                        const TensorView& dk, const TensorView& dv, const AttentionArgs& a, uintptr_t stream) {
+  using namespace checks;
+  const char* op = a.cu_seqlens_q ? "flash_attention_varlen backward" : "flash_attention backward";
+  AttentionGradParams g;
+  g.fwd = attention_params(op, q, k, v, out, &lse, a);
+  auto grad_like = [&](const char* name, const TensorView& t, const TensorView& ref, const char* ref_name) {
+    LONGATTN_CHECK_VALUE(t.ndim == ref.ndim, cat(op, ": ", name, " must have the shape of ", ref_name));
+    for (int d = 0; d < t.ndim; ++d)
+      LONGATTN_CHECK_VALUE(t.shape[d] == ref.shape[d], cat(op, ": ", name, " has shape ", shape_str(t), ", expected ",
+                                                           shape_str(ref)));
+    same_dtype(op, name, t, "q", q);
+    same_device(op, name, t, "q", q);
+    last_dim_contiguous(op, name, t);
+  };
+  grad_like("dout", dout, out, "out");
+  grad_like("dq", dq, q, "q");
+  grad_like("dk", dk, k, "k");
+  grad_like("dv", dv, v, "v");
+  no_broadcast(op, "dq", dq);
+  no_broadcast(op, "dk", dk);
+  no_broadcast(op, "dv", dv);
+  const bool varlen = a.cu_seqlens_q != nullptr;
+  auto strides3 = [&](const TensorView& t, int64_t* s) {
+    s[0] = varlen ? 0 : t.stride[0];
+    s[1] = t.stride[varlen ? 0 : 1];
+    s[2] = t.stride[varlen ? 1 : 2];
+  };
+  if (dlse) {
+    LONGATTN_CHECK_TYPE(dlse->dtype == DType::Float32, cat(op, ": dlse must be float32"));
+    same_device(op, "dlse", *dlse, "q", q);
+    LONGATTN_CHECK_VALUE(dlse->ndim == lse.ndim, cat(op, ": dlse must have the shape of lse"));
+    for (int d = 0; d < lse.ndim; ++d)
+      LONGATTN_CHECK_VALUE(dlse->shape[d] == lse.shape[d] && dlse->stride[d] == lse.stride[d],
+                           cat(op, ": dlse must have the shape and strides of lse"));
+    g.dlse = static_cast<const float*>(dlse->data);
+  }
+  g.dout = dout.data;
+  g.dq = dq.data;
+  g.dk = dk.data;
+  g.dv = dv.data;
+  strides3(dout, g.dout_stride);
+  strides3(dq, g.dq_stride);
+  strides3(dk, g.dk_stride);
+  strides3(dv, g.dv_stride);
+  if (g.fwd.batch == 0 || g.fwd.heads == 0) return;
+  NvtxRange range(op);
+  run_on_backend(
+      "flash_attention_backward", q, stream, [&] { cpu::attention_backward(g); },
+      [&](void*) -> int {
+        raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA kernel is not implemented yet; use CPU tensors"));
+      });
+}
+
 py::dict build_info() {
   py::dict d;
   d["cpu_isa"] = cpu_isa_name(cpu_isa());
@@ -215,6 +451,37 @@ PYBIND11_MODULE(_C, m) {
   m.def("rope", &rope, py::arg("q"), py::arg("q_out"), py::arg("k").none(true), py::arg("k_out").none(true),
         py::arg("positions").none(true), py::arg("inv_freq"), py::arg("attention_factor"), py::arg("interleaved"),
         py::arg("conjugate"), py::arg("stream"));
+
+  auto args = [](const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale,
+                 double softcap, const TensorView* alibi, int64_t wl, int64_t wr, bool causal) {
+    return AttentionArgs{cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal};
+  };
+  m.def(
+      "attention_forward",
+      [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView* lse,
+             const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale, double softcap,
+             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream) {
+        attention_forward(q, k, v, out, lse, args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal),
+                          stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse").none(true),
+      py::arg("cu_seqlens_q").none(true), py::arg("cu_seqlens_k").none(true), py::arg("max_seqlen_q"),
+      py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("alibi_slopes").none(true),
+      py::arg("window_left"), py::arg("window_right"), py::arg("causal"), py::arg("stream"));
+  m.def(
+      "attention_backward",
+      [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
+             const TensorView& dout, const TensorView* dlse, const TensorView& dq, const TensorView& dk,
+             const TensorView& dv, const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale, double softcap,
+             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream) {
+        attention_backward(q, k, v, out, lse, dout, dlse, dq, dk, dv,
+                           args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal), stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dlse").none(true), py::arg("dq"),
+      py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q").none(true), py::arg("cu_seqlens_k").none(true),
+      py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"),
+      py::arg("alibi_slopes").none(true), py::arg("window_left"), py::arg("window_right"), py::arg("causal"),
+      py::arg("stream"));
   m.def("build_info", &build_info);
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {

@@ -6,12 +6,16 @@ caller's device. See README.md for the status of each op on CPU and CUDA.
 from __future__ import annotations
 
 from . import _C
+from .attention import flash_attention, flash_attention_varlen, merge_states
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, rope_frequencies
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "flash_attention",
+    "flash_attention_varlen",
+    "merge_states",
     "apply_rope",
     "rope_frequencies",
     "ROPE_TYPES",

@@ -5,7 +5,7 @@ Imported only when a torch tensor reaches a public op; longattn itself never req
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -133,3 +133,91 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
         return q if k is None else (q, k)
     outs = torch.ops.longattn.rope(q, k, positions, freqs, attention_factor, interleaved, False)
     return outs[0] if k is None else (outs[0], outs[1])
+
+
+# ---- flash attention -----------------------------------------------------------------
+
+from . import attention as _attention  # noqa: E402
+
+
+@torch.library.custom_op("longattn::flash_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+                            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                            softcap: float, alibi_slopes: Optional[torch.Tensor], window_left: int, window_right: int,
+                            causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse): out contiguous like q with v's head dim; lse float32
+    (batch, heads, seqlen_q), or (heads, total_q) for packed input."""
+    return _attention.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
+                                     alibi_slopes, window_left, window_right, causal)
+
+
+@flash_attention_forward.register_fake
+def _flash_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
+                                  alibi_slopes, window_left, window_right, causal):
+    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("longattn::flash_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def flash_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                             max_seqlen_q: int, max_seqlen_k: int, scale: float, softcap: float,
+                             alibi_slopes: Optional[torch.Tensor], window_left: int, window_right: int, causal: bool,
+                             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv), contiguous. The CPU backward is always deterministic."""
+    return _attention.backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, softcap, alibi_slopes, window_left, window_right, causal)
+
+
+@flash_attention_backward.register_fake
+def _flash_attention_backward_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, softcap, alibi_slopes, window_left, window_right, causal,
+                                   deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
+    ctx.args = (max_q, max_k, scale, softcap, wl, wr, causal)
+    ctx.deterministic = getattr(ctx, "deterministic", False)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+    max_q, max_k, scale, softcap, wl, wr, causal = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()  # the kernel reads it with lse's (contiguous) strides
+    dq, dk, dv = torch.ops.longattn.flash_attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                                             scale, softcap, alibi, wl, wr, causal, True)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("longattn::flash_attention_forward", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+ATTENTION_OPS = [torch.ops.longattn.flash_attention_forward.default,
+                 torch.ops.longattn.flash_attention_backward.default]
+
+
+def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministic):
+    for name, x in (("k", k), ("v", v), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("alibi_slopes", alibi)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"flash_attention: {name} is a {type(x).__module__}.{type(x).__name__} but q is a torch "
+                            f"tensor; pass arrays of one framework")
+    # The CPU backward is deterministic by construction, so `deterministic` selects nothing
+    # here yet; it is kept in the backward op's schema for the CUDA kernels.
+    del deterministic
+    return torch.ops.longattn.flash_attention_forward(q, k, v, cu_q, cu_k, int(max_q or 0), int(max_k or 0),
+                                                      opts["scale"], opts["softcap"], alibi, opts["window_left"],
+                                                      opts["window_right"], opts["causal"])

@@ -1,0 +1,329 @@
+// Flash attention CPU micro-kernels (FlashAttention-2, Dao 2023), compiled once per ISA
+// level like rope_kernel.cpp. Work items:
+//   forward:  one (sequence, head, block of kBlockQ queries); online softmax over key blocks.
+//   backward: one (sequence, kv head); loops over the query heads of its group, so dK/dV
+//             accumulate without races and every gradient is summed in a fixed order
+//             (bitwise deterministic by construction).
+// Operands are packed into zero-padded float (double for float64) tiles so the GEMM
+// micro-kernel in simd.h runs without edge cases.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "convert.h"
+#include "longattn/attention.h"
+#include "simd.h"
+
+#ifndef LONGATTN_ISA_NS
+#error "LONGATTN_ISA_NS must name the ISA level this unit is compiled for"
+#endif
+
+namespace longattn {
+namespace cpu {
+namespace LONGATTN_ISA_NS {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+template <typename C>
+constexpr C neg_inf() {
+  return -std::numeric_limits<C>::infinity();
+}
+
+// Copies rows [0, n) of a strided (token, dim) matrix into a packed tile of ld columns,
+// converting to C and multiplying by `mul`; rows n..rows-1 and columns dim..ld-1 are zero.
+template <typename T, typename C>
+void pack_rows(const T* src, int64_t stride, int64_t n, int64_t dim, C mul, C* dst, int64_t rows, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    C* d = dst + r * ld;
+    if (r < n) {
+      load_row<T, C>(src + r * stride, d, dim);
+      if (mul != C(1))
+        for (int64_t c = 0; c < dim; ++c) d[c] *= mul;
+      std::fill(d + dim, d + ld, C(0));
+    } else {
+      std::fill(d, d + ld, C(0));
+    }
+  }
+}
+
+// dst[c][r] = src[r][c] for a rows x cols tile (ld_src, ld_dst are row lengths).
+template <typename C>
+void transpose(const C* src, int64_t rows, int64_t cols, int64_t ld_src, C* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+struct SeqHead {
+  int64_t b, sq, sk, tq, tk;
+};
+
+// Scores of one (query block, key block) tile, after scale (folded into q), softcap,
+// ALiBi and masking. `tanh_out` (optional) receives tanh(s / softcap) for the backward.
+template <typename C>
+void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows, int64_t j0,
+                   int64_t cols, bool masked, C* S, C* tanh_out) {
+  const int64_t off = s.sk - s.sq;
+  for (int64_t r = 0; r < kBlockQ; ++r) {
+    C* row = S + r * kBlockK;
+    if (r >= rows) {
+      std::fill(row, row + kBlockK, neg_inf<C>());
+      continue;
+    }
+    const int64_t i = i0 + r;
+    if (p.softcap > 0.f) {
+      const C cap = C(p.softcap), inv = C(1) / C(p.softcap);
+      for (int64_t c = 0; c < cols; ++c) {
+        const C t = std::tanh(row[c] * inv);
+        if (tanh_out) tanh_out[r * kBlockK + c] = t;
+        row[c] = cap * t;
+      }
+    }
+    if (p.alibi_slopes) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t dist = i + off - (j0 + c);
+        row[c] -= C(slope) * C(dist < 0 ? -dist : dist);
+      }
+    }
+    if (masked)
+      for (int64_t c = 0; c < cols; ++c)
+        if (!key_visible(i, j0 + c, s.sq, s.sk, p.window_left, p.window_right)) row[c] = neg_inf<C>();
+    std::fill(row + cols, row + kBlockK, neg_inf<C>());
+  }
+}
+
+template <typename T, typename C>
+struct ForwardScratch {
+  std::vector<C> q, kt, v, s, o, m, l;
+  ForwardScratch(int64_t dp, int64_t dvp)
+      : q(kBlockQ * dp), kt(dp * kBlockK), v(kBlockK * dvp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ),
+        l(kBlockQ) {}
+};
+
+template <typename T, typename C>
+void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t qb, ForwardScratch<T, C>& w) {
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t dp = round_up(D, gemm_col_align<C>()), dvp = round_up(Dv, gemm_col_align<C>());
+  const int64_t hk = h / (p.heads / p.heads_kv);
+  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, s.sq - i0);
+  const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
+  const float slope = p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h] : 0.f;
+
+  pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data(), kBlockQ, dp);
+  std::fill(w.o.begin(), w.o.end(), C(0));
+  std::fill(w.m.begin(), w.m.end(), neg_inf<C>());
+  std::fill(w.l.begin(), w.l.end(), C(0));
+
+  const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+  for (int64_t j0 = kr.begin; j0 < kr.end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, kr.end - j0);
+    const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
+    // K^T tile (dp x kBlockK) and V tile (kBlockK x dvp).
+    std::fill(w.kt.begin(), w.kt.end(), C(0));
+    for (int64_t c = 0; c < cols; ++c) {
+      C tmp[1024];
+      const T* krow = k + (j0 + c) * p.k_stride[1];
+      for (int64_t d0 = 0; d0 < D; d0 += 1024) {
+        const int64_t n = std::min<int64_t>(1024, D - d0);
+        load_row<T, C>(krow + d0, tmp, n);
+        for (int64_t d = 0; d < n; ++d) w.kt[(d0 + d) * kBlockK + c] = tmp[d];
+      }
+    }
+    pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, C(1), w.v.data(), kBlockK, dvp);
+
+    std::fill(w.s.begin(), w.s.end(), C(0));
+    gemm_acc<C>(kBlockQ, kBlockK, D, w.q.data(), dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
+    finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, w.s.data(), nullptr);
+
+    // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
+    // exp(m_old - m_new) whenever the row maximum grows.
+    for (int64_t r = 0; r < rows; ++r) {
+      C* row = w.s.data() + r * kBlockK;
+      C mx = w.m[r];
+      for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
+      if (mx == neg_inf<C>()) {  // nothing visible yet in this row
+        std::fill(row, row + kBlockK, C(0));
+        continue;
+      }
+      const C alpha = w.m[r] == neg_inf<C>() ? C(0) : std::exp(w.m[r] - mx);
+      for (int64_t c = 0; c < kBlockK; ++c) row[c] -= mx;
+      exp_inplace(row, kBlockK);
+      C sum = 0;
+      for (int64_t c = 0; c < cols; ++c) sum += row[c];
+      w.l[r] = w.l[r] * alpha + sum;
+      w.m[r] = mx;
+      if (alpha != C(1)) {
+        C* orow = w.o.data() + r * dvp;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
+      }
+    }
+    for (int64_t r = rows; r < kBlockQ; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
+    gemm_acc<C>(kBlockQ, dvp, kBlockK, w.s.data(), kBlockK, w.v.data(), dvp, w.o.data(), dvp);
+  }
+
+  T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
+  for (int64_t r = 0; r < rows; ++r) {
+    C* orow = w.o.data() + r * dvp;
+    const C inv = w.l[r] > C(0) ? C(1) / w.l[r] : C(0);
+    for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+    store_row<T, C>(orow, out + r * p.out_stride[1], Dv);
+    if (p.lse)
+      p.lse[s.b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + i0 + r) * p.lse_stride[2]] =
+          w.l[r] > C(0) ? float(w.m[r] + std::log(w.l[r])) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+template <typename T, typename C>
+void forward(const AttentionParams& p, int64_t item0, int64_t item1) {
+  const int64_t dp = round_up(p.head_dim, gemm_col_align<C>()), dvp = round_up(p.head_dim_v, gemm_col_align<C>());
+  ForwardScratch<T, C> w(dp, dvp);
+  const int64_t nqb = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  for (int64_t item = item0; item < item1; ++item) {
+    const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
+    const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+    if (qb * kBlockQ >= s.sq) continue;
+    forward_block<T, C>(p, s, h, qb, w);
+  }
+}
+
+template <typename T, typename C>
+void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
+  const AttentionParams& p = g.fwd;
+  const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t dp = round_up(D, gemm_col_align<C>()), dvp = round_up(Dv, gemm_col_align<C>());
+  const int64_t group = p.heads / p.heads_kv;
+  const int64_t skp = round_up(s.sk, kBlockK) + kBlockK;
+  std::vector<C> dk_acc(skp * dp, C(0)), dv_acc(skp * dvp, C(0));
+  std::vector<C> qs(kBlockQ * dp), qst(dp * kBlockQ), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
+  std::vector<C> kt(dp * kBlockK), kp(kBlockK * dp), vt(dvp * kBlockK);
+  std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), Pt(kBlockK * kBlockQ),
+      dSt(kBlockK * kBlockQ), orow(dvp), lse(kBlockQ), delta(kBlockQ);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
+
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    for (int64_t i0 = 0; i0 < s.sq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, s.sq - i0);
+      const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+      const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
+      const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
+      const T* dO = static_cast<const T*>(g.dout) + b * g.dout_stride[0] + (s.tq + i0) * g.dout_stride[1] +
+                    h * g.dout_stride[2];
+      T* dq = static_cast<T*>(g.dq) + b * g.dq_stride[0] + (s.tq + i0) * g.dq_stride[1] + h * g.dq_stride[2];
+      std::fill(dq_acc.begin(), dq_acc.end(), C(0));
+      if (kr.begin < kr.end) {
+        pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), qs.data(), kBlockQ, dp);
+        transpose<C>(qs.data(), kBlockQ, dp, dp, qst.data(), kBlockQ);
+        pack_rows<T, C>(dO, g.dout_stride[1], rows, Dv, C(1), dout.data(), kBlockQ, dvp);
+        for (int64_t r = 0; r < kBlockQ; ++r) {
+          if (r >= rows) {
+            lse[r] = neg_inf<C>();
+            delta[r] = 0;
+            continue;
+          }
+          // delta_i = rowsum(dO_i * O_i), the softmax-backward correction term.
+          load_row<T, C>(o + r * p.out_stride[1], orow.data(), Dv);
+          C acc = 0;
+          for (int64_t d = 0; d < Dv; ++d) acc += orow[d] * dout[r * dvp + d];
+          const int64_t li = b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + i0 + r) * p.lse_stride[2];
+          lse[r] = C(p.lse[li]);
+          // d lse_i / d s_ij = P_ij, so an lse gradient enters as dS += P * dlse.
+          delta[r] = g.dlse && lse[r] != neg_inf<C>() ? acc - C(g.dlse[li]) : acc;
+        }
+      }
+      for (int64_t j0 = kr.begin; j0 < kr.end; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, kr.end - j0);
+        const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
+        pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, C(1), kp.data(), kBlockK, dp);
+        transpose<C>(kp.data(), kBlockK, dp, dp, kt.data(), kBlockK);
+        // V^T tile (dvp x kBlockK) for dP = dO V^T, transposed straight from the source.
+        std::fill(vt.begin(), vt.end(), C(0));
+        for (int64_t c = 0; c < cols; ++c) {
+          load_row<T, C>(v + (j0 + c) * p.v_stride[1], orow.data(), Dv);
+          for (int64_t d = 0; d < Dv; ++d) vt[d * kBlockK + c] = orow[d];
+        }
+
+        std::fill(S.begin(), S.end(), C(0));
+        gemm_acc<C>(kBlockQ, kBlockK, D, qs.data(), dp, kt.data(), kBlockK, S.data(), kBlockK);
+        finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
+        for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
+          C* row = S.data() + r * kBlockK;
+          if (lse[r] == neg_inf<C>()) {
+            std::fill(row, row + kBlockK, C(0));
+            continue;
+          }
+          for (int64_t c = 0; c < kBlockK; ++c) row[c] -= lse[r];
+          exp_inplace(row, kBlockK);
+        }
+        // dV += P^T dO
+        transpose<C>(S.data(), kBlockQ, kBlockK, kBlockK, Pt.data(), kBlockQ);
+        gemm_acc<C>(kBlockK, dvp, kBlockQ, Pt.data(), kBlockQ, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
+        // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
+        std::fill(dP.begin(), dP.end(), C(0));
+        gemm_acc<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vt.data(), kBlockK, dP.data(), kBlockK);
+        for (int64_t r = 0; r < kBlockQ; ++r)
+          for (int64_t c = 0; c < kBlockK; ++c) {
+            C ds = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
+            if (p.softcap > 0.f) {
+              const C t = c < cols && r < rows ? T_[r * kBlockK + c] : C(0);
+              ds *= C(1) - t * t;
+            }
+            dP[r * kBlockK + c] = ds;
+          }
+        // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
+        gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kp.data(), dp, dq_acc.data(), dp);
+        transpose<C>(dP.data(), kBlockQ, kBlockK, kBlockK, dSt.data(), kBlockQ);
+        gemm_acc<C>(kBlockK, dp, kBlockQ, dSt.data(), kBlockQ, qs.data(), dp, dk_acc.data() + j0 * dp, dp);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        C* row = dq_acc.data() + r * dp;
+        for (int64_t d = 0; d < D; ++d) row[d] *= C(p.scale);
+        store_row<T, C>(row, dq + r * g.dq_stride[1], D);
+      }
+    }
+  }
+  T* dk = static_cast<T*>(g.dk) + b * g.dk_stride[0] + s.tk * g.dk_stride[1] + hk * g.dk_stride[2];
+  T* dv = static_cast<T*>(g.dv) + b * g.dv_stride[0] + s.tk * g.dv_stride[1] + hk * g.dv_stride[2];
+  for (int64_t j = 0; j < s.sk; ++j) {
+    store_row<T, C>(dk_acc.data() + j * dp, dk + j * g.dk_stride[1], D);
+    store_row<T, C>(dv_acc.data() + j * dvp, dv + j * g.dv_stride[1], Dv);
+  }
+}
+
+template <typename T, typename C>
+void backward(const AttentionGradParams& g, int64_t item0, int64_t item1) {
+  for (int64_t item = item0; item < item1; ++item)
+    backward_item<T, C>(g, item / g.fwd.heads_kv, item % g.fwd.heads_kv);
+}
+
+}  // namespace
+
+void attention_forward_items(const AttentionParams& p, int64_t i0, int64_t i1) {
+  switch (p.dtype) {
+    case DType::Float32: return forward<float, float>(p, i0, i1);
+    case DType::Float64: return forward<double, double>(p, i0, i1);
+    case DType::Float16: return forward<half_t, float>(p, i0, i1);
+    case DType::BFloat16: return forward<bf16_t, float>(p, i0, i1);
+    default: break;
+  }
+}
+
+void attention_backward_items(const AttentionGradParams& g, int64_t i0, int64_t i1) {
+  switch (g.fwd.dtype) {
+    case DType::Float32: return backward<float, float>(g, i0, i1);
+    case DType::Float64: return backward<double, double>(g, i0, i1);
+    case DType::Float16: return backward<half_t, float>(g, i0, i1);
+    case DType::BFloat16: return backward<bf16_t, float>(g, i0, i1);
+    default: break;
+  }
+}
+
+}  // namespace LONGATTN_ISA_NS
+}  // namespace cpu
+}  // namespace longattn

@@ -1,0 +1,124 @@
+// Portable SIMD for the CPU kernels: GCC/Clang vector extensions sized for the ISA level a
+// translation unit is compiled for (64 bytes with AVX-512, 32 with AVX2, 16 otherwise),
+// a register-blocked GEMM micro-kernel and a vectorized exp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace longattn {
+namespace cpu {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename C>
+struct Vec {
+  static constexpr int N = kVecBytes / int(sizeof(C));
+  typedef C type __attribute__((vector_size(kVecBytes)));
+};
+
+template <typename C>
+inline typename Vec<C>::type vload(const C* p) {
+  typename Vec<C>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename C>
+inline void vstore(C* p, typename Vec<C>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// GEMM tiles: kGemmRows rows of C by kGemmCols vectors held in registers.
+constexpr int kGemmRows = 4;
+constexpr int kGemmCols = 4;
+template <typename C>
+constexpr int64_t gemm_col_align() {
+  return int64_t(kGemmCols) * Vec<C>::N;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Cm[M x N] += A[M x K] * B[K x N], all row-major packed buffers. M must be a multiple of
+// kGemmRows and N of gemm_col_align<C>() (callers pad with zeros), so the tile loops need
+// no edge handling.
+template <typename C>
+inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
+                     int64_t ldc) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  constexpr int R = kGemmRows, NC = kGemmCols;
+  for (int64_t n0 = 0; n0 < N; n0 += NC * W) {
+    for (int64_t m0 = 0; m0 < M; m0 += R) {
+      V acc[R][NC];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; ++c) acc[r][c] = vload(Cm + (m0 + r) * ldc + n0 + c * W);
+      const C* a = A + m0 * lda;
+      const C* b = B + n0;
+      for (int64_t k = 0; k < K; ++k) {
+        V bv[NC];
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; ++c) bv[c] = vload(b + k * ldb + c * W);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const C av = a[r * lda + k];
+#pragma GCC unroll 4
+          for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * W, acc[r][c]);
+    }
+  }
+}
+
+// x[i] = exp(x[i]) for n entries (n a multiple of the vector width), -inf -> exactly 0.
+// float: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial
+// (relative error below 2e-7), 2^k by exponent arithmetic. double: libm.
+inline void exp_inplace(float* x, int64_t n) {
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
+  constexpr int W = Vec<float>::N;
+  for (int64_t i = 0; i < n; i += W) {
+    V v = vload(x + i);
+    const V zero_mask = v < -87.0f ? V{} + 1.0f : V{};
+    v = v < -87.0f ? V{} - 87.0f : v;
+    v = v > 88.0f ? V{} + 88.0f : v;
+    const V t = v * 1.44269504088896341f;
+    const V kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+    const V r = (v - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
+    V p = V{} + (1.0f / 5040);
+    p = p * r + (1.0f / 720);
+    p = p * r + (1.0f / 120);
+    p = p * r + (1.0f / 24);
+    p = p * r + (1.0f / 6);
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const VI ki = __builtin_convertvector(kf, VI);
+    const VI bits = (ki + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    V res = p * scale;
+    res = zero_mask > 0.0f ? V{} : res;
+    vstore(x + i, res);
+  }
+}
+
+inline void exp_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+}  // namespace cpu
+}  // namespace longattn

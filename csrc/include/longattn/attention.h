@@ -1,0 +1,90 @@
+// Fused attention (FlashAttention-2 style, Dao 2023): for each query block, walk a schedule
+// of key blocks, computing scores, an online softmax and the output without ever holding
+// an Sq x Sk matrix. Forward saves the log-sum-exp; backward recomputes scores from it.
+//
+// Conventions (DESIGN.md): causal masks are aligned to the bottom-right corner, so query i
+// of a sequence with sq queries and sk keys sees key j iff j <= i + sk - sq; a window
+// (left, right) is measured from that same diagonal, -1 meaning unbounded. Scores are
+//   s = scale * q.k;  s = softcap * tanh(s / softcap) (softcap > 0);  s -= slope * |i + sk - sq - j|
+// A row with no visible key yields 0 and lse = -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "longattn/tensor.h"
+
+namespace longattn {
+
+struct AttentionParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // float32
+  DType dtype = DType::Float32;
+
+  int64_t batch = 0, heads = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;  // dense: every sequence; varlen: the maximum
+  // Element strides over (batch, token, head); the last dim is contiguous. Packed
+  // variable-length input has batch stride 0 and per-sequence token offsets cu_seqlens.
+  int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, out_stride[3] = {};
+  int64_t lse_stride[3] = {};  // (batch, head, token)
+  const int32_t* cu_seqlens_q = nullptr;  // null for dense batches
+  const int32_t* cu_seqlens_k = nullptr;
+
+  double scale = 1.0;  // double so float64 inputs keep full precision
+  double softcap = 0.0;
+  const float* alibi_slopes = nullptr;  // (B|1, H) float32
+  int64_t alibi_batch_stride = 0;
+  int64_t window_left = -1, window_right = -1;  // right already clamped to 0 when causal
+
+  int64_t seq_q(int64_t b) const { return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q; }
+  int64_t seq_k(int64_t b) const { return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k; }
+  int64_t tok_q(int64_t b) const { return cu_seqlens_q ? cu_seqlens_q[b] : 0; }
+  int64_t tok_k(int64_t b) const { return cu_seqlens_k ? cu_seqlens_k[b] : 0; }
+};
+
+struct AttentionGradParams {
+  AttentionParams fwd;  // q, k, v, out and lse of the forward
+  const void* dout = nullptr;
+  const float* dlse = nullptr;  // optional gradient of lse (same strides as lse)
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dout_stride[3] = {}, dq_stride[3] = {}, dk_stride[3] = {}, dv_stride[3] = {};
+};
+
+// The key range a block of queries [i0, i1) may see, and which key blocks inside it need
+// the element mask. Dense, causal and windowed attention use this implicit schedule; the
+// block-sparse op supplies explicit lists of full and partial blocks instead.
+struct KeyRange {
+  int64_t begin = 0, end = 0;            // keys [begin, end) intersect some row's window
+  int64_t full_begin = 0, full_end = 0;  // keys every row of the block sees
+};
+
+inline KeyRange key_range(int64_t i0, int64_t i1, int64_t sq, int64_t sk, int64_t left, int64_t right) {
+  const int64_t off = sk - sq;
+  auto lo = [&](int64_t i) { return left < 0 ? int64_t(0) : i + off - left; };
+  auto hi = [&](int64_t i) { return right < 0 ? sk : i + off + right + 1; };  // exclusive
+  auto clamp = [&](int64_t x) { return x < 0 ? int64_t(0) : (x > sk ? sk : x); };
+  KeyRange r;
+  r.begin = clamp(lo(i0));
+  r.end = clamp(hi(i1 - 1));
+  r.full_begin = clamp(lo(i1 - 1));
+  r.full_end = clamp(hi(i0));
+  if (r.end < r.begin) r.end = r.begin;
+  if (r.full_end < r.full_begin) r.full_end = r.full_begin;
+  return r;
+}
+
+inline bool key_visible(int64_t i, int64_t j, int64_t sq, int64_t sk, int64_t left, int64_t right) {
+  const int64_t d = i + sk - sq;
+  return (left < 0 || j >= d - left) && (right < 0 || j <= d + right);
+}
+
+namespace cpu {
+void attention_forward(const AttentionParams& p);
+void attention_backward(const AttentionGradParams& p);
+}  // namespace cpu
+
+}  // namespace longattn
