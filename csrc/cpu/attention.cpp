@@ -9,7 +9,7 @@ namespace cpu {
 
 #define LONGATTN_DECLARE_ISA(ns)                                                  \
   namespace ns {                                                                  \
-  void attention_forward_items(const AttentionParams& p, int64_t i0, int64_t i1); \
+  void attention_forward(const AttentionParams& p);                               \
   void attention_backward_items(const AttentionGradParams& g, int64_t i0, int64_t i1); \
   }
 LONGATTN_DECLARE_ISA(baseline)
@@ -19,18 +19,13 @@ LONGATTN_DECLARE_ISA(avx512)
 #endif
 #undef LONGATTN_DECLARE_ISA
 
-namespace {
-constexpr int64_t kBlockQ = 64;  // must match attention_kernel.cpp
-}
-
 void attention_forward(const AttentionParams& p) {
-  auto fn = baseline::attention_forward_items;
+  auto fn = baseline::attention_forward;
 #if defined(LONGATTN_HAVE_AVX2)
-  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::attention_forward_items;
-  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::attention_forward_items;
+  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::attention_forward;
+  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::attention_forward;
 #endif
-  const int64_t nqb = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  parallel_for(p.batch * p.heads * nqb, 1, [&](int64_t i0, int64_t i1) { fn(p, i0, i1); });
+  fn(p);  // packs K/V, then runs query blocks on the thread pool
 }
 
 void attention_backward(const AttentionGradParams& g) {

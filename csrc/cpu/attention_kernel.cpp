@@ -13,6 +13,7 @@
 
 #include "convert.h"
 #include "longattn/attention.h"
+#include "longattn/parallel.h"
 #include "simd.h"
 
 #ifndef LONGATTN_ISA_NS
@@ -94,23 +95,57 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
   }
 }
 
-template <typename T, typename C>
-struct ForwardScratch {
-  std::vector<C> q, kt, v, s, o, m, l;
-  ForwardScratch(int64_t dp, int64_t dvp)
-      : q(kBlockQ * dp), kt(dp * kBlockK), v(kBlockK * dvp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ),
-        l(kBlockQ) {}
+// Key/value blocks packed once per (sequence, kv head) and shared by every query block
+// and every query head of the group: K^T tiles (dp x kBlockK) for S = Q K^T and V tiles
+// (kBlockK x dvp) for O += P V. Blocks start at multiples of kBlockK.
+template <typename C>
+struct PackedKV {
+  int64_t dp, dvp, kt_elems, v_elems;
+  std::vector<int64_t> base;  // per sequence: index of its first block (kv head 0)
+  std::vector<C> data;
+
+  PackedKV(const AttentionParams& p, bool with_rows)
+      : dp(round_up(p.head_dim, gemm_col_align<C>())), dvp(round_up(p.head_dim_v, gemm_col_align<C>())),
+        kt_elems(dp * kBlockK), v_elems(kBlockK * dvp), base(p.batch + 1, 0) {
+    (void)with_rows;
+    for (int64_t b = 0; b < p.batch; ++b) base[b + 1] = base[b] + p.heads_kv * nkb(p.seq_k(b));
+    data.resize(size_t(base[p.batch] * (kt_elems + v_elems)));
+  }
+  static int64_t nkb(int64_t sk) { return (sk + kBlockK - 1) / kBlockK; }
+  C* kt(int64_t b, int64_t hk, int64_t sk, int64_t kb) {
+    return data.data() + (base[b] + hk * nkb(sk) + kb) * (kt_elems + v_elems);
+  }
+  C* v(int64_t b, int64_t hk, int64_t sk, int64_t kb) { return kt(b, hk, sk, kb) + kt_elems; }
 };
 
 template <typename T, typename C>
-void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t qb, ForwardScratch<T, C>& w) {
-  const int64_t D = p.head_dim, Dv = p.head_dim_v;
-  const int64_t dp = round_up(D, gemm_col_align<C>()), dvp = round_up(Dv, gemm_col_align<C>());
+void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, std::vector<C>& rows) {
+  const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
+  rows.resize(size_t(kBlockK * kv.dp));
+  for (int64_t kb = 0, j0 = 0; j0 < s.sk; ++kb, j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, s.sk - j0);
+    pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, p.head_dim, C(1), rows.data(), kBlockK, kv.dp);
+    transpose<C>(rows.data(), kBlockK, kv.dp, kv.dp, kv.kt(b, hk, s.sk, kb), kBlockK);
+    pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, p.head_dim_v, C(1), kv.v(b, hk, s.sk, kb), kBlockK,
+                    kv.dvp);
+  }
+}
+
+template <typename C>
+struct ForwardScratch {
+  std::vector<C> q, s, o, m, l;
+  ForwardScratch(int64_t dp, int64_t dvp) : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ) {}
+};
+
+template <typename T, typename C>
+void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h, int64_t qb,
+                   ForwardScratch<C>& w) {
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
   const int64_t hk = h / (p.heads / p.heads_kv);
   const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, s.sq - i0);
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
-  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
-  const T* v = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
   const float slope = p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h] : 0.f;
 
   pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data(), kBlockQ, dp);
@@ -119,24 +154,13 @@ void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_
   std::fill(w.l.begin(), w.l.end(), C(0));
 
   const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-  for (int64_t j0 = kr.begin; j0 < kr.end; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, kr.end - j0);
+  for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, s.sk - j0);
     const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
-    // K^T tile (dp x kBlockK) and V tile (kBlockK x dvp).
-    std::fill(w.kt.begin(), w.kt.end(), C(0));
-    for (int64_t c = 0; c < cols; ++c) {
-      C tmp[1024];
-      const T* krow = k + (j0 + c) * p.k_stride[1];
-      for (int64_t d0 = 0; d0 < D; d0 += 1024) {
-        const int64_t n = std::min<int64_t>(1024, D - d0);
-        load_row<T, C>(krow + d0, tmp, n);
-        for (int64_t d = 0; d < n; ++d) w.kt[(d0 + d) * kBlockK + c] = tmp[d];
-      }
-    }
-    pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, C(1), w.v.data(), kBlockK, dvp);
+    const int64_t kb = j0 / kBlockK;
 
     std::fill(w.s.begin(), w.s.end(), C(0));
-    gemm_acc<C>(kBlockQ, kBlockK, D, w.q.data(), dp, w.kt.data(), kBlockK, w.s.data(), kBlockK);
+    gemm_acc<C>(kBlockQ, kBlockK, D, w.q.data(), dp, kv.kt(s.b, hk, s.sk, kb), kBlockK, w.s.data(), kBlockK);
     finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, w.s.data(), nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
@@ -144,7 +168,7 @@ void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_
     for (int64_t r = 0; r < rows; ++r) {
       C* row = w.s.data() + r * kBlockK;
       C mx = w.m[r];
-      for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
+      for (int64_t c = 0; c < kBlockK; ++c) mx = std::max(mx, row[c]);
       if (mx == neg_inf<C>()) {  // nothing visible yet in this row
         std::fill(row, row + kBlockK, C(0));
         continue;
@@ -153,7 +177,7 @@ void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_
       for (int64_t c = 0; c < kBlockK; ++c) row[c] -= mx;
       exp_inplace(row, kBlockK);
       C sum = 0;
-      for (int64_t c = 0; c < cols; ++c) sum += row[c];
+      for (int64_t c = 0; c < kBlockK; ++c) sum += row[c];
       w.l[r] = w.l[r] * alpha + sum;
       w.m[r] = mx;
       if (alpha != C(1)) {
@@ -162,7 +186,7 @@ void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_
       }
     }
     for (int64_t r = rows; r < kBlockQ; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
-    gemm_acc<C>(kBlockQ, dvp, kBlockK, w.s.data(), kBlockK, w.v.data(), dvp, w.o.data(), dvp);
+    gemm_acc<C>(kBlockQ, dvp, kBlockK, w.s.data(), kBlockK, kv.v(s.b, hk, s.sk, kb), dvp, w.o.data(), dvp);
   }
 
   T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
@@ -178,16 +202,22 @@ void forward_block(const AttentionParams& p, const SeqHead& s, int64_t h, int64_
 }
 
 template <typename T, typename C>
-void forward(const AttentionParams& p, int64_t item0, int64_t item1) {
-  const int64_t dp = round_up(p.head_dim, gemm_col_align<C>()), dvp = round_up(p.head_dim_v, gemm_col_align<C>());
-  ForwardScratch<T, C> w(dp, dvp);
+void forward(const AttentionParams& p) {
+  PackedKV<C> kv(p, false);
+  parallel_for(p.batch * p.heads_kv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<C> rows;
+    for (int64_t i = i0; i < i1; ++i) pack_kv<T, C>(p, kv, i / p.heads_kv, i % p.heads_kv, rows);
+  });
   const int64_t nqb = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  for (int64_t item = item0; item < item1; ++item) {
-    const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
-    const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
-    if (qb * kBlockQ >= s.sq) continue;
-    forward_block<T, C>(p, s, h, qb, w);
-  }
+  parallel_for(p.batch * p.heads * nqb, 1, [&](int64_t item0, int64_t item1) {
+    ForwardScratch<C> w(kv.dp, kv.dvp);
+    for (int64_t item = item0; item < item1; ++item) {
+      const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
+      const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+      if (qb * kBlockQ >= s.sq) continue;
+      forward_block<T, C>(p, kv, s, h, qb, w);
+    }
+  });
 }
 
 template <typename T, typename C>
@@ -199,12 +229,24 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   const int64_t group = p.heads / p.heads_kv;
   const int64_t skp = round_up(s.sk, kBlockK) + kBlockK;
   std::vector<C> dk_acc(skp * dp, C(0)), dv_acc(skp * dvp, C(0));
-  std::vector<C> qs(kBlockQ * dp), qst(dp * kBlockQ), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
-  std::vector<C> kt(dp * kBlockK), kp(kBlockK * dp), vt(dvp * kBlockK);
+  std::vector<C> qs(kBlockQ * dp), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
   std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), Pt(kBlockK * kBlockQ),
-      dSt(kBlockK * kBlockQ), orow(dvp), lse(kBlockQ), delta(kBlockQ);
+      dSt(kBlockK * kBlockQ), orow(dvp), lse(kBlockQ), delta(kBlockQ), vrows(kBlockK * dvp);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
+  // Every key block of this kv head, packed once for all query heads and blocks: K rows
+  // (for dQ = dS K), K^T (for S = Q K^T) and V^T (for dP = dO V^T).
+  const int64_t nkb = (s.sk + kBlockK - 1) / kBlockK;
+  std::vector<C> kp(nkb * kBlockK * dp), kt(nkb * dp * kBlockK), vt(nkb * dvp * kBlockK);
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
+    C* kpb = kp.data() + kb * kBlockK * dp;
+    pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, C(1), kpb, kBlockK, dp);
+    transpose<C>(kpb, kBlockK, dp, dp, kt.data() + kb * dp * kBlockK, kBlockK);
+    pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, C(1), vrows.data(),
+                    kBlockK, dvp);
+    transpose<C>(vrows.data(), kBlockK, dvp, dvp, vt.data() + kb * dvp * kBlockK, kBlockK);
+  }
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
@@ -219,7 +261,6 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
       std::fill(dq_acc.begin(), dq_acc.end(), C(0));
       if (kr.begin < kr.end) {
         pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), qs.data(), kBlockQ, dp);
-        transpose<C>(qs.data(), kBlockQ, dp, dp, qst.data(), kBlockQ);
         pack_rows<T, C>(dO, g.dout_stride[1], rows, Dv, C(1), dout.data(), kBlockQ, dvp);
         for (int64_t r = 0; r < kBlockQ; ++r) {
           if (r >= rows) {
@@ -237,20 +278,15 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           delta[r] = g.dlse && lse[r] != neg_inf<C>() ? acc - C(g.dlse[li]) : acc;
         }
       }
-      for (int64_t j0 = kr.begin; j0 < kr.end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, kr.end - j0);
+      for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, s.sk - j0);
         const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
-        pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, C(1), kp.data(), kBlockK, dp);
-        transpose<C>(kp.data(), kBlockK, dp, dp, kt.data(), kBlockK);
-        // V^T tile (dvp x kBlockK) for dP = dO V^T, transposed straight from the source.
-        std::fill(vt.begin(), vt.end(), C(0));
-        for (int64_t c = 0; c < cols; ++c) {
-          load_row<T, C>(v + (j0 + c) * p.v_stride[1], orow.data(), Dv);
-          for (int64_t d = 0; d < Dv; ++d) vt[d * kBlockK + c] = orow[d];
-        }
-
+        const int64_t kb = j0 / kBlockK;
+        const C* ktb = kt.data() + kb * dp * kBlockK;
+        const C* kpb = kp.data() + kb * kBlockK * dp;
+        const C* vtb = vt.data() + kb * dvp * kBlockK;
         std::fill(S.begin(), S.end(), C(0));
-        gemm_acc<C>(kBlockQ, kBlockK, D, qs.data(), dp, kt.data(), kBlockK, S.data(), kBlockK);
+        gemm_acc<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
         finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
         for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
           C* row = S.data() + r * kBlockK;
@@ -266,7 +302,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         gemm_acc<C>(kBlockK, dvp, kBlockQ, Pt.data(), kBlockQ, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
         std::fill(dP.begin(), dP.end(), C(0));
-        gemm_acc<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vt.data(), kBlockK, dP.data(), kBlockK);
+        gemm_acc<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
         for (int64_t r = 0; r < kBlockQ; ++r)
           for (int64_t c = 0; c < kBlockK; ++c) {
             C ds = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
@@ -277,7 +313,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
             dP[r * kBlockK + c] = ds;
           }
         // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
-        gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kp.data(), dp, dq_acc.data(), dp);
+        gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
         transpose<C>(dP.data(), kBlockQ, kBlockK, kBlockK, dSt.data(), kBlockQ);
         gemm_acc<C>(kBlockK, dp, kBlockQ, dSt.data(), kBlockQ, qs.data(), dp, dk_acc.data() + j0 * dp, dp);
       }
@@ -304,12 +340,12 @@ void backward(const AttentionGradParams& g, int64_t item0, int64_t item1) {
 
 }  // namespace
 
-void attention_forward_items(const AttentionParams& p, int64_t i0, int64_t i1) {
+void attention_forward(const AttentionParams& p) {
   switch (p.dtype) {
-    case DType::Float32: return forward<float, float>(p, i0, i1);
-    case DType::Float64: return forward<double, double>(p, i0, i1);
-    case DType::Float16: return forward<half_t, float>(p, i0, i1);
-    case DType::BFloat16: return forward<bf16_t, float>(p, i0, i1);
+    case DType::Float32: return forward<float, float>(p);
+    case DType::Float64: return forward<double, double>(p);
+    case DType::Float16: return forward<half_t, float>(p);
+    case DType::BFloat16: return forward<bf16_t, float>(p);
     default: break;
   }
 }
