@@ -167,17 +167,13 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     // exp(m_old - m_new) whenever the row maximum grows.
     for (int64_t r = 0; r < rows; ++r) {
       C* row = w.s.data() + r * kBlockK;
-      C mx = w.m[r];
-      for (int64_t c = 0; c < kBlockK; ++c) mx = std::max(mx, row[c]);
+      const C mx = row_max<C>(row, kBlockK, w.m[r]);
       if (mx == neg_inf<C>()) {  // nothing visible yet in this row
         std::fill(row, row + kBlockK, C(0));
         continue;
       }
       const C alpha = w.m[r] == neg_inf<C>() ? C(0) : std::exp(w.m[r] - mx);
-      for (int64_t c = 0; c < kBlockK; ++c) row[c] -= mx;
-      exp_inplace(row, kBlockK);
-      C sum = 0;
-      for (int64_t c = 0; c < kBlockK; ++c) sum += row[c];
+      const C sum = exp_shifted_sum(row, kBlockK, mx);
       w.l[r] = w.l[r] * alpha + sum;
       w.m[r] = mx;
       if (alpha != C(1)) {
@@ -294,8 +290,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
             std::fill(row, row + kBlockK, C(0));
             continue;
           }
-          for (int64_t c = 0; c < kBlockK; ++c) row[c] -= lse[r];
-          exp_inplace(row, kBlockK);
+          exp_shifted_sum(row, kBlockK, lse[r]);
         }
         // dV += P^T dO
         transpose<C>(S.data(), kBlockQ, kBlockK, kBlockK, Pt.data(), kBlockQ);

@@ -83,15 +83,32 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
   }
 }
 
-// x[i] = exp(x[i]) for n entries (n a multiple of the vector width), -inf -> exactly 0.
+// max(init, x[0..n)) for n a multiple of the vector width.
+template <typename C>
+inline C row_max(const C* x, int64_t n, C init) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  V m = V{} + init;
+  for (int64_t i = 0; i < n; i += W) {
+    const V v = vload(x + i);
+    m = v > m ? v : m;
+  }
+  C r = init;
+  for (int i = 0; i < W; ++i) r = m[i] > r ? m[i] : r;
+  return r;
+}
+
+// x[i] = exp(x[i] - shift) for n entries (n a multiple of the vector width); returns
+// their sum. -inf entries become exactly 0.
 // float: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial
 // (relative error below 2e-7), 2^k by exponent arithmetic. double: libm.
-inline void exp_inplace(float* x, int64_t n) {
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   using V = Vec<float>::type;
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   constexpr int W = Vec<float>::N;
+  V total = V{};
   for (int64_t i = 0; i < n; i += W) {
-    V v = vload(x + i);
+    V v = vload(x + i) - shift;
     const V zero_mask = v < -87.0f ? V{} + 1.0f : V{};
     v = v < -87.0f ? V{} - 87.0f : v;
     v = v > 88.0f ? V{} + 88.0f : v;
@@ -113,11 +130,17 @@ inline void exp_inplace(float* x, int64_t n) {
     V res = p * scale;
     res = zero_mask > 0.0f ? V{} : res;
     vstore(x + i, res);
+    total += res;
   }
+  float sum = 0.f;
+  for (int i = 0; i < W; ++i) sum += total[i];
+  return sum;
 }
 
-inline void exp_inplace(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+inline double exp_shifted_sum(double* x, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
 }
 
 }  // namespace cpu
