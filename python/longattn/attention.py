@@ -156,7 +156,7 @@ def flash_attention(q, k, v, *, causal: bool = False, window: Tuple[int, int] = 
         >>> out = longattn.flash_attention(q, k, v, causal=True, window=(4096, 0))
     """
     op = "flash_attention"
-    opts = attention_options(_arrays.wrap(q, "q", op).shape[-1], causal, window, softmax_scale, softcap, op)
+    opts = attention_options(_head_dim(q, op), causal, window, softmax_scale, softcap, op)
     return _dispatch(op, q, k, v, None, None, None, None, opts, alibi_slopes, return_lse, deterministic, stream)
 
 
@@ -177,9 +177,17 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: Op
     (batch, heads).
     """
     op = "flash_attention_varlen"
-    opts = attention_options(_arrays.wrap(q, "q", op).shape[-1], causal, window, softmax_scale, softcap, op)
+    opts = attention_options(_head_dim(q, op), causal, window, softmax_scale, softcap, op)
     return _dispatch(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts, alibi_slopes,
                      return_lse, deterministic, stream)
+
+
+def _head_dim(q, op: str) -> int:
+    shape = getattr(q, "shape", None)
+    if shape is None or len(shape) == 0:
+        _arrays.wrap(q, "q", op)  # raises the TypeError naming q
+        raise ValueError(f"{op}: q must have a head dim")
+    return int(shape[-1])
 
 
 def _dispatch(op, q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, return_lse, deterministic, stream):
