@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "convert.h"
@@ -216,6 +217,32 @@ void forward(const AttentionParams& p) {
   });
 }
 
+// Row log-sum-exps of the scores of query rows [i0, i0 + rows), by an online pass over the
+// packed K^T blocks (kt: all blocks of the sequence). Rows with no visible key get -inf.
+template <typename C>
+void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows, const KeyRange& kr,
+               const C* qs, int64_t dp, const C* kt, C* S, C* lse) {
+  C m[kBlockQ], l[kBlockQ];
+  std::fill(m, m + kBlockQ, neg_inf<C>());
+  std::fill(l, l + kBlockQ, C(0));
+  for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, s.sk - j0);
+    const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
+    std::fill(S, S + kBlockQ * kBlockK, C(0));
+    gemm_acc<C>(kBlockQ, kBlockK, p.head_dim, qs, dp, kt + (j0 / kBlockK) * dp * kBlockK, kBlockK, S, kBlockK);
+    finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S, nullptr);
+    for (int64_t r = 0; r < rows; ++r) {
+      C* row = S + r * kBlockK;
+      const C mx = row_max<C>(row, kBlockK, m[r]);
+      if (mx == neg_inf<C>()) continue;
+      const C alpha = m[r] == neg_inf<C>() ? C(0) : std::exp(m[r] - mx);
+      l[r] = l[r] * alpha + exp_shifted_sum(row, kBlockK, mx);
+      m[r] = mx;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) lse[r] = l[r] > C(0) ? m[r] + std::log(l[r]) : neg_inf<C>();
+}
+
 template <typename T, typename C>
 void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   const AttentionParams& p = g.fwd;
@@ -269,10 +296,16 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           C acc = 0;
           for (int64_t d = 0; d < Dv; ++d) acc += orow[d] * dout[r * dvp + d];
           const int64_t li = b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + i0 + r) * p.lse_stride[2];
-          lse[r] = C(p.lse[li]);
+          if constexpr (!std::is_same<C, double>::value) lse[r] = C(p.lse[li]);
           // d lse_i / d s_ij = P_ij, so an lse gradient enters as dS += P * dlse.
-          delta[r] = g.dlse && lse[r] != neg_inf<C>() ? acc - C(g.dlse[li]) : acc;
+          // (Rows with lse = -inf have P = 0, so their delta never matters.)
+          delta[r] = g.dlse ? acc - C(g.dlse[li]) : acc;
         }
+      }
+      if constexpr (std::is_same<C, double>::value) {
+        // The saved lse is float32 (the public format); float64 gradients need it exact, so
+        // recompute it here with one extra pass over the scores.
+        if (kr.begin < kr.end) exact_lse<C>(p, s, slope, i0, rows, kr, qs.data(), dp, kt.data(), S.data(), lse.data());
       }
       for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, s.sk - j0);

@@ -380,7 +380,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     same_device(op, "dlse", *dlse, "q", q);
     LONGATTN_CHECK_VALUE(dlse->ndim == lse.ndim, cat(op, ": dlse must have the shape of lse"));
     for (int d = 0; d < lse.ndim; ++d)
-      LONGATTN_CHECK_VALUE(dlse->shape[d] == lse.shape[d] && dlse->stride[d] == lse.stride[d],
+      LONGATTN_CHECK_VALUE(dlse->shape[d] == lse.shape[d] && (lse.numel() == 0 || dlse->stride[d] == lse.stride[d]),
                            cat(op, ": dlse must have the shape and strides of lse"));
     g.dlse = static_cast<const float*>(dlse->data);
   }
