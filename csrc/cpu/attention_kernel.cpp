@@ -160,8 +160,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
     const int64_t kb = j0 / kBlockK;
 
-    std::fill(w.s.begin(), w.s.end(), C(0));
-    gemm_acc<C>(kBlockQ, kBlockK, D, w.q.data(), dp, kv.kt(s.b, hk, s.sk, kb), kBlockK, w.s.data(), kBlockK);
+    gemm<C>(kBlockQ, kBlockK, D, w.q.data(), dp, kv.kt(s.b, hk, s.sk, kb), kBlockK, w.s.data(), kBlockK);
     finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, w.s.data(), nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
@@ -228,8 +227,7 @@ void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t 
   for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, s.sk - j0);
     const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
-    std::fill(S, S + kBlockQ * kBlockK, C(0));
-    gemm_acc<C>(kBlockQ, kBlockK, p.head_dim, qs, dp, kt + (j0 / kBlockK) * dp * kBlockK, kBlockK, S, kBlockK);
+    gemm<C>(kBlockQ, kBlockK, p.head_dim, qs, dp, kt + (j0 / kBlockK) * dp * kBlockK, kBlockK, S, kBlockK);
     finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       C* row = S + r * kBlockK;
@@ -314,8 +312,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         const C* ktb = kt.data() + kb * dp * kBlockK;
         const C* kpb = kp.data() + kb * kBlockK * dp;
         const C* vtb = vt.data() + kb * dvp * kBlockK;
-        std::fill(S.begin(), S.end(), C(0));
-        gemm_acc<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
+        gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
         finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
         for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
           C* row = S.data() + r * kBlockK;
@@ -329,8 +326,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         transpose<C>(S.data(), kBlockQ, kBlockK, kBlockK, Pt.data(), kBlockQ);
         gemm_acc<C>(kBlockK, dvp, kBlockQ, Pt.data(), kBlockQ, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
-        std::fill(dP.begin(), dP.end(), C(0));
-        gemm_acc<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
+        gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
         for (int64_t r = 0; r < kBlockQ; ++r)
           for (int64_t c = 0; c < kBlockK; ++c) {
             C ds = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);

@@ -46,10 +46,10 @@ constexpr int64_t gemm_col_align() {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Cm[M x N] += A[M x K] * B[K x N], all row-major packed buffers. M must be a multiple of
-// kGemmRows and N of gemm_col_align<C>() (callers pad with zeros), so the tile loops need
-// no edge handling.
-template <typename C>
+// Cm[M x N] (+)= A[M x K] * B[K x N], all row-major packed buffers (Accumulate: add to Cm;
+// otherwise overwrite it). M must be a multiple of kGemmRows and N of gemm_col_align<C>()
+// (callers pad with zeros), so the tile loops need no edge handling.
+template <typename C, bool Accumulate = true>
 inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
                      int64_t ldc) {
   using V = typename Vec<C>::type;
@@ -61,7 +61,7 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int c = 0; c < NC; ++c) acc[r][c] = vload(Cm + (m0 + r) * ldc + n0 + c * W);
+        for (int c = 0; c < NC; ++c) acc[r][c] = Accumulate ? vload(Cm + (m0 + r) * ldc + n0 + c * W) : V{};
       const C* a = A + m0 * lda;
       const C* b = B + n0;
       for (int64_t k = 0; k < K; ++k) {
@@ -81,6 +81,13 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
         for (int c = 0; c < NC; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * W, acc[r][c]);
     }
   }
+}
+
+// Cm = A * B (see gemm_acc).
+template <typename C>
+inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
+                 int64_t ldc) {
+  gemm_acc<C, false>(M, N, K, A, lda, B, ldb, Cm, ldc);
 }
 
 // max(init, x[0..n)) for n a multiple of the vector width.
