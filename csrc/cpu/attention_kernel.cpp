@@ -27,7 +27,7 @@ namespace LONGATTN_ISA_NS {
 namespace {
 
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
+constexpr int64_t kBlockK = 128;
 
 template <typename C>
 constexpr C neg_inf() {
