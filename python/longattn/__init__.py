@@ -5,7 +5,8 @@ caller's device. See README.md for the status of each op on CPU and CUDA.
 """
 from __future__ import annotations
 
-from . import _C
+from . import _C, masks
+from .block_mask import BlockMask, ElementMask
 from .attention import flash_attention, flash_attention_varlen, merge_states
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, rope_frequencies
@@ -16,6 +17,9 @@ __all__ = [
     "flash_attention",
     "flash_attention_varlen",
     "merge_states",
+    "BlockMask",
+    "ElementMask",
+    "masks",
     "apply_rope",
     "rope_frequencies",
     "ROPE_TYPES",

@@ -1,0 +1,501 @@
+"""Block-sparse attention masks: which key blocks each query block visits.
+
+A `BlockMask` cuts the q_len x kv_len score matrix into tiles of block_q x block_k
+elements (the last row / column of tiles may be cut by q_len / kv_len) and lists, for
+every query block, the key blocks an attention kernel must visit, split into
+
+* full blocks: every element of the tile is visible; the kernel applies no mask;
+* partial blocks: the kernel applies the element mask `mask` (an `ElementMask`, or None:
+  only the tile's own padding, i.e. rows >= q_len and columns >= kv_len, is masked).
+
+Key blocks not listed are skipped: their scores are -inf. The transposed lists (for each
+key block, the query blocks that visit it) are kept for the backward pass (dK, dV).
+
+Index layout (int32, C-contiguous, the same as torch FlexAttention's BlockMask):
+
+    kv_num_blocks       (B|1, H|1, nQb)        number of partial key blocks of a query block
+    kv_indices          (B|1, H|1, nQb, nKb)   their indices, strictly increasing, then pad
+    full_kv_num_blocks  (B|1, H|1, nQb)        the same for full blocks
+    full_kv_indices     (B|1, H|1, nQb, nKb)
+    q_num_blocks        (B|1, H|1, nKb)        number of query blocks that visit a key block
+    q_indices           (B|1, H|1, nKb, nQb)   as partial blocks, strictly increasing, then pad
+    full_q_num_blocks   (B|1, H|1, nKb)        ... as full blocks
+    full_q_indices      (B|1, H|1, nKb, nQb)
+
+with nQb = ceil(q_len / block_q) and nKb = ceil(kv_len / block_k). Slots after the count
+hold 0 in masks built here and are validated to lie in [0, n) in every mask, so reading
+a whole row never goes out of bounds. The batch and head dims are the same for all eight
+arrays and broadcast when 1. Full blocks never touch the q_len / kv_len edge.
+
+Element mask (`ElementMask`) semantics, bottom-right aligned as `flash_attention`: with
+d(i) = i + kv_len - q_len (the diagonal of query i), key j is visible to query i iff
+
+    (not causal or j <= d(i))
+    and (   (window_left  == -1 or j >= d(i) - window_left)
+            and (window_right == -1 or j <= d(i) + window_right)
+         or j < sink_tokens)
+
+i.e. the attention sinks (StreamingLLM) are OR-ed with the window, and causality
+applies to both.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _arrays
+
+__all__ = ["BlockMask", "ElementMask"]
+
+_BIG = 1 << 62
+_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+CUDA_BLOCK_SIZES = (64, 128)
+CPU_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _is_int(x: Any) -> bool:
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, np.integer))
+
+
+@dataclass(frozen=True)
+class ElementMask:
+    """Element-level mask applied inside partial blocks.
+
+    causal: query i sees key j only if j <= i + kv_len - q_len (bottom-right aligned).
+    window_left, window_right: keys at most this far left / right of that diagonal are
+        visible; -1 is unbounded. (With causal, the right bound is also capped at 0.)
+    sink_tokens: keys j < sink_tokens are visible whatever the window (StreamingLLM
+        attention sinks), still subject to causal.
+    """
+
+    causal: bool = False
+    window_left: int = -1
+    window_right: int = -1
+    sink_tokens: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.causal, (bool, np.bool_)):
+            raise TypeError(f"ElementMask: causal must be a bool, got {type(self.causal).__name__}")
+        object.__setattr__(self, "causal", bool(self.causal))
+        for name in ("window_left", "window_right", "sink_tokens"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise TypeError(f"ElementMask: {name} must be an int, got {type(v).__name__}")
+            lo = 0 if name == "sink_tokens" else -1
+            if v < lo:
+                raise ValueError(f"ElementMask: {name} must be >= {lo}, got {v}")
+            object.__setattr__(self, name, int(v))
+
+    def band(self, q_len: int, kv_len: int) -> Tuple[int, int]:
+        """(lo, hi): the window part is lo <= j - i <= hi (causal included; +-2**62 unbounded)."""
+        off = kv_len - q_len
+        lo = off - self.window_left if self.window_left >= 0 else -_BIG
+        hi = _BIG
+        if self.causal:
+            hi = off
+        if self.window_right >= 0:
+            hi = min(hi, off + self.window_right)
+        return lo, hi
+
+    def to_dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        """Boolean (q_len, kv_len): which elements the mask leaves visible."""
+        i = np.arange(q_len, dtype=np.int64)[:, None]
+        j = np.arange(kv_len, dtype=np.int64)[None, :]
+        lo, hi = self.band(q_len, kv_len)
+        t = j - i
+        vis = (t >= lo) & (t <= hi)
+        if self.sink_tokens:
+            causal_ok = (t <= kv_len - q_len) if self.causal else np.ones_like(vis)
+            vis = vis | (causal_ok & (j < self.sink_tokens))
+        return vis
+
+
+# ---------------------------------------------------------------------------------------
+# block geometry
+# ---------------------------------------------------------------------------------------
+def _num_blocks(n: int, b: int) -> int:
+    return -(-n // b)
+
+
+def block_grid(q_len: int, kv_len: int, block_size: Tuple[int, int]):
+    """Row / column bounds of every tile: i0, i1 (nQb, 1) and j0, j1 (1, nKb), int64,
+    end-exclusive and cut to q_len / kv_len."""
+    bq, bk = block_size
+    i0 = np.arange(_num_blocks(q_len, bq), dtype=np.int64)[:, None] * bq
+    j0 = np.arange(_num_blocks(kv_len, bk), dtype=np.int64)[None, :] * bk
+    return i0, np.minimum(i0 + bq, q_len), j0, np.minimum(j0 + bk, kv_len)
+
+
+def band_any(i0, i1, j0, j1, lo, hi) -> np.ndarray:
+    """Tiles holding some (i, j) with lo <= j - i <= hi (every j - i in range is attained)."""
+    return np.maximum(j0 - (i1 - 1), lo) <= np.minimum((j1 - 1) - i0, hi)
+
+
+def band_all(i0, i1, j0, j1, lo, hi) -> np.ndarray:
+    """Tiles whose every (i, j) has lo <= j - i <= hi."""
+    return (j0 - (i1 - 1) >= lo) & ((j1 - 1) - i0 <= hi)
+
+
+def classify(mask: Optional[ElementMask], q_len: int, kv_len: int, block_size: Tuple[int, int]):
+    """(any, all): boolean (nQb, nKb) arrays, exact: tiles where `mask` leaves some / every
+    element visible. `all` is False for tiles cut by q_len / kv_len."""
+    bq, bk = block_size
+    i0, i1, j0, j1 = block_grid(q_len, kv_len, block_size)
+    uncut = ((i1 - i0) == bq) & ((j1 - j0) == bk)
+    shape = (i0.shape[0], j0.shape[1])
+    if mask is None:
+        return np.ones(shape, bool), np.broadcast_to(uncut, shape).copy()
+    off = kv_len - q_len
+    lo, hi = mask.band(q_len, kv_len)
+    any_ = band_any(i0, i1, j0, j1, lo, hi)
+    sink = mask.sink_tokens
+    if sink:
+        sink_any = j0 < sink
+        if mask.causal:
+            sink_any = sink_any & (j0 - (i1 - 1) <= off)
+        any_ = any_ | sink_any
+        causal_all = ((j1 - 1) - i0 <= off) if mask.causal else np.ones(shape, bool)
+        js0 = np.maximum(j0, sink)
+        rest_all = (js0 >= j1) | band_all(i0, i1, js0, j1, lo, hi)
+        all_ = causal_all & rest_all
+    else:
+        all_ = band_all(i0, i1, j0, j1, lo, hi)
+    all_ = np.broadcast_to(all_ & uncut, shape).copy()
+    return np.broadcast_to(any_, shape).copy(), all_
+
+
+def check_block_size(block_size: Any, device: str, op: str) -> Tuple[int, int]:
+    """(block_q, block_k) from an int or a pair; CUDA: 64 or 128, CPU: power of two 16..256."""
+    if _is_int(block_size):
+        block_size = (block_size, block_size)
+    try:
+        bq, bk = block_size
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: block_size must be an int or a pair (block_q, block_k), got {block_size!r}") from None
+    allowed = CUDA_BLOCK_SIZES if device == _arrays.CUDA else CPU_BLOCK_SIZES
+    for name, b in (("block_q", bq), ("block_k", bk)):
+        if not _is_int(b):
+            raise TypeError(f"{op}: block_size {name} must be an int, got {type(b).__name__}")
+        if int(b) not in allowed:
+            raise ValueError(f"{op}: block_size {name} must be one of {allowed} on {device}, got {b}")
+    return int(bq), int(bk)
+
+
+def _check_len(v: Any, name: str, op: str) -> int:
+    if not _is_int(v):
+        raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {v}")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------------------
+# arrays
+# ---------------------------------------------------------------------------------------
+def _to_host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().cpu().numpy()
+
+
+def _place_of(x: Any, name: str, op: str) -> Tuple[str, str]:
+    """(framework, device string) of a numpy array or torch tensor."""
+    fw = _arrays.framework_of(x)
+    if fw == "numpy":
+        return fw, "cpu"
+    if fw == "torch":
+        if x.device.type not in (_arrays.CPU, _arrays.CUDA):
+            raise ValueError(f"{op}: {name} is on device {x.device}; only cpu and cuda are supported")
+        return fw, str(x.device)
+    raise TypeError(f"{op}: {name} must be a NumPy array or a torch tensor, got "
+                    f"{type(x).__module__}.{type(x).__name__}")
+
+
+def _dtype_name(x: Any) -> str:
+    return x.dtype.name if isinstance(x, np.ndarray) else str(x.dtype).replace("torch.", "")
+
+
+def _lists_from_layout(layout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Boolean (..., n, m) -> counts int32 (..., n), indices int32 (..., n, m): the True
+    columns of each row in increasing order, then 0."""
+    counts = layout.sum(axis=-1, dtype=np.int64)
+    order = np.argsort(~layout, axis=-1, kind="stable")
+    used = np.arange(layout.shape[-1]) < counts[..., None]
+    return counts.astype(np.int32), np.where(used, order, 0).astype(np.int32)
+
+
+def _layout_from_lists(counts: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Inverse of `_lists_from_layout` for range-checked lists: boolean (..., n, m)."""
+    m = indices.shape[-1]
+    used = np.arange(m) < counts[..., None]
+    idx = np.where(used, indices.astype(np.int64), m)  # pads go to a dummy column m
+    ext = np.zeros(indices.shape[:-1] + (m + 1,), bool)
+    np.put_along_axis(ext, idx, True, axis=-1)
+    return ext[..., :m]
+
+
+class BlockMask:
+    """Per query block, the sorted key blocks an attention kernel visits (see the module
+    docstring for the index layout and the element-mask semantics).
+
+    Construct with the eight index arrays (NumPy or torch, int32, one framework and one
+    device), or with `BlockMask.from_dense` or a builder of `longattn.masks`. The
+    constructor validates everything the kernels rely on and raises a ValueError (or a
+    TypeError for a wrong type or dtype) naming the field: counts in [0, n], every index
+    slot (pads included) in [0, n), indices strictly increasing within the count, full and
+    partial lists disjoint, the query-side lists the exact transposes of the key-side
+    lists, full blocks inside the q_len x kv_len rectangle, consistent shapes and a block
+    size the device supports (CUDA: 64 or 128; CPU: a power of two from 16 to 256).
+    The query-side lists may be omitted (None): they are then computed.
+
+    The arrays are stored C-contiguous (NumPy copies are read-only); treat them as
+    immutable, kernels trust a constructed mask.
+
+    Attributes: the eight arrays, block_size (block_q, block_k), q_len, kv_len, mask
+    (ElementMask or None), shape (B|1, H|1, q_len, kv_len), framework ("numpy" or
+    "torch"), device ("cpu", "cuda:0", ...).
+    """
+
+    def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                 q_num_blocks=None, q_indices=None, full_q_num_blocks=None, full_q_indices=None, *,
+                 block_size, q_len: int, kv_len: int, mask: Optional[ElementMask] = None):
+        op = "BlockMask"
+        given = dict(zip(_FIELDS, (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                   q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)))
+        q_side = _FIELDS[4:]
+        missing_q = [n for n in q_side if given[n] is None]
+        if missing_q and len(missing_q) != 4:
+            raise ValueError(f"{op}: pass all four query-side lists or none; missing {', '.join(missing_q)}")
+        place = None
+        for name in _FIELDS:
+            x = given[name]
+            if x is None:
+                continue
+            p = _place_of(x, name, op)
+            if place is None:
+                place, first = p, name
+            elif p[0] != place[0]:
+                raise TypeError(f"{op}: {name} is a {p[0]} array but {first} is a {place[0]} array")
+            elif p[1] != place[1]:
+                raise ValueError(f"{op}: {name} is on {p[1]} but {first} is on {place[1]}")
+            if _dtype_name(x) != "int32":
+                raise TypeError(f"{op}: {name} must be int32, got {_dtype_name(x)}")
+        framework, device = place
+        self.q_len = _check_len(q_len, "q_len", op)
+        self.kv_len = _check_len(kv_len, "kv_len", op)
+        self.block_size = check_block_size(block_size, device.split(":")[0], op)
+        if mask is not None and not isinstance(mask, ElementMask):
+            raise TypeError(f"{op}: mask must be an ElementMask or None, got {type(mask).__name__}")
+        self.mask = mask
+        nq = _num_blocks(self.q_len, self.block_size[0])
+        nk = _num_blocks(self.kv_len, self.block_size[1])
+
+        host = {n: (None if given[n] is None else _to_host(given[n])) for n in _FIELDS}
+        lead = host["kv_num_blocks"].shape[:2] if host["kv_num_blocks"].ndim == 3 else None
+        if lead is None:
+            raise ValueError(f"{op}: kv_num_blocks must have 3 dims (B|1, H|1, num_q_blocks), "
+                             f"got shape {host['kv_num_blocks'].shape}")
+        expect = {"kv_num_blocks": (nq,), "kv_indices": (nq, nk), "q_num_blocks": (nk,), "q_indices": (nk, nq)}
+        for name in _FIELDS:
+            a = host[name]
+            if a is None:
+                continue
+            tail = expect[name.replace("full_", "")]
+            want = tuple(lead) + tail
+            if a.shape != want:
+                raise ValueError(f"{op}: {name} must have shape {want} for kv_num_blocks leading dims "
+                                 f"{tuple(lead)}, q_len={self.q_len}, kv_len={self.kv_len}, "
+                                 f"block_size={self.block_size}; got {a.shape}")
+        layouts = {}
+        for kind, n_rows, n_cols in (("kv", nq, nk), ("q", nk, nq)):
+            for full in ("", "full_"):
+                cname, iname = f"{full}{kind}_num_blocks", f"{full}{kind}_indices"
+                if host[cname] is None:
+                    continue
+                layouts[full + kind] = self._check_lists(host[cname], host[iname], cname, iname, n_cols, op)
+        if layouts["kv"].size and np.any(layouts["kv"] & layouts["full_kv"]):
+            b, h, r, c = np.argwhere(layouts["kv"] & layouts["full_kv"])[0]
+            raise ValueError(f"{op}: kv_indices and full_kv_indices overlap: query block {r} of "
+                             f"[{b}, {h}] lists key block {c} in both")
+        if layouts["full_kv"].size:
+            bq, bk = self.block_size
+            cut_rows = self.q_len % bq != 0
+            cut_cols = self.kv_len % bk != 0
+            bad = np.zeros_like(layouts["full_kv"])
+            if cut_rows:
+                bad[..., -1, :] |= layouts["full_kv"][..., -1, :]
+            if cut_cols:
+                bad[..., :, -1] |= layouts["full_kv"][..., :, -1]
+            if bad.any():
+                b, h, r, c = np.argwhere(bad)[0]
+                raise ValueError(f"{op}: full_kv_indices lists key block {c} for query block {r} of [{b}, {h}], "
+                                 f"a tile cut by q_len={self.q_len} / kv_len={self.kv_len}; it must be partial")
+        if missing_q:
+            for full in ("", "full_"):
+                c, i = _lists_from_layout(np.swapaxes(layouts[full + "kv"], -1, -2))
+                host[f"{full}q_num_blocks"], host[f"{full}q_indices"] = c, i
+        else:
+            for full in ("", "full_"):
+                if not np.array_equal(np.swapaxes(layouts[full + "kv"], -1, -2), layouts[full + "q"]):
+                    raise ValueError(f"{op}: {full}q_num_blocks / {full}q_indices are not the transpose of "
+                                     f"{full}kv_num_blocks / {full}kv_indices")
+        self._layout_full = layouts["full_kv"]
+        self._layout_partial = layouts["kv"]
+        self.framework, self.device = framework, device
+        for name in _FIELDS:
+            x = given[name]
+            if x is None:
+                x = host[name]
+                if framework == "torch":
+                    x = sys.modules["torch"].from_numpy(np.ascontiguousarray(x)).to(device)
+            if framework == "numpy":
+                x = np.array(x, dtype=np.int32, order="C", copy=True)
+                x.flags.writeable = False
+            else:
+                x = x.contiguous()
+            setattr(self, name, x)
+
+    @staticmethod
+    def _check_lists(counts: np.ndarray, indices: np.ndarray, cname: str, iname: str, n: int, op: str) -> np.ndarray:
+        if counts.size and (counts.min() < 0 or counts.max() > n):
+            pos = tuple(np.argwhere((counts < 0) | (counts > n))[0])
+            raise ValueError(f"{op}: {cname}{list(pos)} = {counts[pos]} is outside [0, {n}]")
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            pos = tuple(np.argwhere((indices < 0) | (indices >= n))[0])
+            raise ValueError(f"{op}: {iname}{list(pos)} = {indices[pos]} is outside [0, {n}) "
+                             f"(pad slots after the count must hold a valid index too)")
+        if n > 1:
+            step_used = np.arange(1, n) < counts[..., None]
+            bad = step_used & (np.diff(indices.astype(np.int64), axis=-1) <= 0)
+            if bad.any():
+                pos = tuple(np.argwhere(bad)[0])
+                raise ValueError(f"{op}: {iname}{list(pos[:-1])} is not strictly increasing within its count "
+                                 f"({cname} = {counts[pos[:-1]]}): entries {pos[-1]} and {pos[-1] + 1} are "
+                                 f"{indices[pos]} and {indices[pos[:-1] + (pos[-1] + 1,)]} (unsorted or duplicated)")
+        return _layout_from_lists(counts.astype(np.int64), indices)
+
+    # -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, layout, block_size, q_len: int, kv_len: int, mask: Optional[ElementMask] = None) -> "BlockMask":
+        """A BlockMask visiting the True tiles of a boolean layout (B|1, H|1, nQb, nKb)
+        (2 or 3 dims are read as (nQb, nKb) / (H, nQb, nKb)), NumPy or torch; the result
+        lives where `layout` does (torch on its device, NumPy otherwise).
+
+        A visited tile is full when `mask` provably leaves all its elements visible and it
+        is not cut by q_len / kv_len (with mask None: whenever it is not cut), partial
+        otherwise. Tiles the mask leaves entirely invisible are kept (as partial), so
+        `to_dense()` returns `layout`.
+        """
+        op = "BlockMask.from_dense"
+        fw, device = _place_of(layout, "layout", op)
+        if _dtype_name(layout) != "bool":
+            raise TypeError(f"{op}: layout must be a boolean array, got {_dtype_name(layout)}")
+        host = _to_host(layout)
+        if not 2 <= host.ndim <= 4:
+            raise ValueError(f"{op}: layout must have shape (B|1, H|1, num_q_blocks, num_kv_blocks), got {host.shape}")
+        host = host.reshape((1,) * (4 - host.ndim) + host.shape)
+        bs = check_block_size(block_size, device.split(":")[0], op)
+        q_len, kv_len = _check_len(q_len, "q_len", op), _check_len(kv_len, "kv_len", op)
+        want = (_num_blocks(q_len, bs[0]), _num_blocks(kv_len, bs[1]))
+        if host.shape[2:] != want:
+            raise ValueError(f"{op}: layout must end in (num_q_blocks, num_kv_blocks) = {want} for q_len={q_len}, "
+                             f"kv_len={kv_len}, block_size={bs}; got {host.shape}")
+        if mask is not None and not isinstance(mask, ElementMask):
+            raise TypeError(f"{op}: mask must be an ElementMask or None, got {type(mask).__name__}")
+        _, all_ = classify(mask, q_len, kv_len, bs)
+        return _from_layouts(host & all_, host & ~all_, bs, q_len, kv_len, mask, fw, device)
+
+    # -----------------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        b, h = self.kv_num_blocks.shape[:2]
+        return (int(b), int(h), self.q_len, self.kv_len)
+
+    @property
+    def num_blocks(self) -> Tuple[int, int]:
+        """(num_q_blocks, num_kv_blocks)."""
+        return (_num_blocks(self.q_len, self.block_size[0]), _num_blocks(self.kv_len, self.block_size[1]))
+
+    def to_dense(self, kind: str = "all") -> np.ndarray:
+        """Boolean NumPy layout (B|1, H|1, nQb, nKb) of the visited tiles; kind "full" or
+        "partial" selects one class."""
+        if kind == "all":
+            return self._layout_full | self._layout_partial
+        if kind == "full":
+            return self._layout_full.copy()
+        if kind == "partial":
+            return self._layout_partial.copy()
+        raise ValueError(f"to_dense: kind must be 'all', 'full' or 'partial', got {kind!r}")
+
+    def to_dense_elements(self) -> np.ndarray:
+        """Boolean NumPy (B|1, H|1, q_len, kv_len): element (i, j) is visible iff its tile
+        is full, or partial and the element mask leaves it visible. For tests and small
+        sizes (it materializes q_len x kv_len per batch and head)."""
+        bq, bk = self.block_size
+        full = self._layout_full.repeat(bq, axis=2).repeat(bk, axis=3)[:, :, :self.q_len, :self.kv_len]
+        part = self._layout_partial.repeat(bq, axis=2).repeat(bk, axis=3)[:, :, :self.q_len, :self.kv_len]
+        if self.mask is not None:
+            part = part & self.mask.to_dense(self.q_len, self.kv_len)
+        return full | part
+
+    def density(self) -> float:
+        """Fraction of the (query block, key block) tiles of the q_len x kv_len rectangle
+        that are visited, averaged over batch and heads (0.0 for an empty rectangle)."""
+        layout = self.to_dense()
+        return float(layout.mean()) if layout.size else 0.0
+
+    def sparsity(self) -> float:
+        """1 - density()."""
+        return 1.0 - self.density()
+
+    def to(self, device) -> "BlockMask":
+        """This mask with torch tensors on `device` ("cpu", "cuda", "cuda:1", torch.device).
+        NumPy-backed masks are converted through torch (which must be installed). The block
+        size is validated again for the new device."""
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a test dependency
+            raise RuntimeError("BlockMask.to needs torch; use the NumPy arrays directly") from None
+        arrays = [getattr(self, n) for n in _FIELDS]
+        if self.framework == "numpy":
+            arrays = [torch.from_numpy(np.array(a)) for a in arrays]
+        arrays = [a.to(device) for a in arrays]
+        return BlockMask(*arrays, block_size=self.block_size, q_len=self.q_len, kv_len=self.kv_len, mask=self.mask)
+
+    def numpy(self) -> "BlockMask":
+        """This mask with NumPy arrays (a host copy of torch tensors)."""
+        if self.framework == "numpy":
+            return self
+        arrays = [np.ascontiguousarray(_to_host(getattr(self, n))) for n in _FIELDS]
+        return BlockMask(*arrays, block_size=self.block_size, q_len=self.q_len, kv_len=self.kv_len, mask=self.mask)
+
+    def __repr__(self) -> str:
+        b, h, q, k = self.shape
+        nq, nk = self.num_blocks
+        where = "numpy" if self.framework == "numpy" else f"torch {self.device}"
+        return (f"BlockMask(shape=({b}, {h}, {q}, {k}), block_size={self.block_size}, "
+                f"num_blocks=({nq}, {nk}), full={int(self._layout_full.sum())}, "
+                f"partial={int(self._layout_partial.sum())}, density={self.density():.4f}, "
+                f"mask={self.mask!r}, {where})")
+
+
+def _from_layouts(full: np.ndarray, partial: np.ndarray, block_size, q_len: int, kv_len: int,
+                  mask: Optional[ElementMask], framework: str = "numpy", device: str = "cpu") -> BlockMask:
+    """A BlockMask from disjoint boolean (B|1, H|1, nQb, nKb) layouts of full and partial tiles."""
+    arrays = []
+    for layout in (partial, full):
+        arrays.extend(_lists_from_layout(layout))
+    for layout in (partial, full):
+        arrays.extend(_lists_from_layout(np.swapaxes(layout, -1, -2)))
+    kv_c, kv_i, fkv_c, fkv_i, q_c, q_i, fq_c, fq_i = arrays
+    arrays = [kv_c, kv_i, fkv_c, fkv_i, q_c, q_i, fq_c, fq_i]
+    if framework == "torch":
+        torch = sys.modules.get("torch")
+        if torch is None:
+            import torch
+        arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+    return BlockMask(*arrays, block_size=block_size, q_len=q_len, kv_len=kv_len, mask=mask)
