@@ -62,11 +62,72 @@ struct SeqHead {
   int64_t b, sq, sk, tq, tk;
 };
 
+// Query rows per tile: kBlockQ, or the BlockMask's block_q when smaller, so a tile never
+// straddles two mask rows.
+inline int64_t query_tile(const AttentionParams& p) {
+  return p.sparse ? std::min<int64_t>(kBlockQ, p.sparse->block_q) : kBlockQ;
+}
+
+// One packed key tile [j0, j0 + kBlockK) that a query tile visits. Dense schedules mark a
+// tile `masked` when the causal/window mask cuts it; block-sparse schedules give each
+// column a state: 0 not visited, 1 full block, 2 partial block (element mask applies).
+struct Visit {
+  int64_t j0;
+  bool masked;
+  const uint8_t* state;  // kBlockK entries, or null
+};
+
+struct Visits {
+  std::vector<Visit> list;
+  std::vector<uint8_t> states;
+};
+
+inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t i0, int64_t rows, Visits& v) {
+  v.list.clear();
+  if (!p.sparse) {
+    const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+    for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
+      const int64_t cols = std::min(kBlockK, s.sk - j0);
+      v.list.push_back({j0, j0 < kr.full_begin || j0 + cols > kr.full_end, nullptr});
+    }
+    return;
+  }
+  const BlockSparseSchedule& bs = *p.sparse;
+  const int64_t qb = i0 / bs.block_q;
+  const int64_t noff = s.b * bs.num_stride[0] + h * bs.num_stride[1] + qb * bs.num_stride[2];
+  const int64_t ioff = s.b * bs.idx_stride[0] + h * bs.idx_stride[1] + qb * bs.idx_stride[2];
+  // Merge the two sorted lists into key-tile order, writing each block's column states.
+  const int32_t* lists[2] = {bs.kv_idx + ioff, bs.full_idx + ioff};
+  const int64_t counts[2] = {bs.kv_num[noff], bs.full_num[noff]};
+  int64_t pos[2] = {0, 0};
+  v.states.clear();
+  std::vector<int64_t> tiles;
+  while (pos[0] < counts[0] || pos[1] < counts[1]) {
+    const bool take_full = pos[0] >= counts[0] || (pos[1] < counts[1] && lists[1][pos[1]] < lists[0][pos[0]]);
+    const int l = take_full ? 1 : 0;
+    const int64_t kb = lists[l][pos[l]++];
+    const uint8_t state = take_full ? 1 : 2;
+    const int64_t start = kb * bs.block_k, end = std::min(start + bs.block_k, s.sk);
+    for (int64_t j = start; j < end; ++j) {
+      const int64_t t = j / kBlockK;
+      if (tiles.empty() || tiles.back() != t) {
+        tiles.push_back(t);
+        v.states.resize(tiles.size() * kBlockK, 0);
+      }
+      v.states[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = state;
+    }
+  }
+  for (size_t i = 0; i < tiles.size(); ++i) v.list.push_back({tiles[i] * kBlockK, true, nullptr});
+  for (size_t i = 0; i < tiles.size(); ++i) v.list[i].state = v.states.data() + i * kBlockK;
+}
+
 // Scores of one (query block, key block) tile, after scale (folded into q), softcap,
 // ALiBi and masking. `tanh_out` (optional) receives tanh(s / softcap) for the backward.
 template <typename C>
-void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows, int64_t j0,
-                   int64_t cols, bool masked, C* S, C* tanh_out) {
+void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows,
+                   const Visit& visit, C* S, C* tanh_out) {
+  const int64_t j0 = visit.j0, cols = std::min(kBlockK, s.sk - j0);
+  const bool masked = visit.masked;
   const int64_t off = s.sk - s.sq;
   for (int64_t r = 0; r < kBlockQ; ++r) {
     C* row = S + r * kBlockK;
@@ -89,9 +150,14 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
         row[c] -= C(slope) * C(dist < 0 ? -dist : dist);
       }
     }
-    if (masked)
+    if (visit.state) {
+      for (int64_t c = 0; c < cols; ++c)
+        if (visit.state[c] == 0 || (visit.state[c] == 2 && !p.sparse->visible(i, j0 + c, s.sq, s.sk)))
+          row[c] = neg_inf<C>();
+    } else if (masked) {
       for (int64_t c = 0; c < cols; ++c)
         if (!key_visible(i, j0 + c, s.sq, s.sk, p.window_left, p.window_right)) row[c] = neg_inf<C>();
+    }
     std::fill(row + cols, row + kBlockK, neg_inf<C>());
   }
 }
@@ -137,6 +203,7 @@ void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, s
 template <typename C>
 struct ForwardScratch {
   std::vector<C> q, s, o, m, l;
+  Visits visits;
   ForwardScratch(int64_t dp, int64_t dvp) : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ) {}
 };
 
@@ -145,7 +212,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
                    ForwardScratch<C>& w) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
   const int64_t hk = h / (p.heads / p.heads_kv);
-  const int64_t i0 = qb * kBlockQ, rows = std::min(kBlockQ, s.sq - i0);
+  const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0);
   const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
   const float slope = p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h] : 0.f;
 
@@ -154,14 +221,11 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   std::fill(w.m.begin(), w.m.end(), neg_inf<C>());
   std::fill(w.l.begin(), w.l.end(), C(0));
 
-  const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-  for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, s.sk - j0);
-    const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
-    const int64_t kb = j0 / kBlockK;
-
+  tile_visits(p, s, h, i0, rows, w.visits);
+  for (const Visit& visit : w.visits.list) {
+    const int64_t kb = visit.j0 / kBlockK;
     gemm<C>(kBlockQ, kBlockK, D, w.q.data(), dp, kv.kt(s.b, hk, s.sk, kb), kBlockK, w.s.data(), kBlockK);
-    finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, w.s.data(), nullptr);
+    finish_scores<C>(p, s, slope, i0, rows, visit, w.s.data(), nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
     // exp(m_old - m_new) whenever the row maximum grows.
@@ -204,13 +268,13 @@ void forward(const AttentionParams& p) {
     std::vector<C> rows;
     for (int64_t i = i0; i < i1; ++i) pack_kv<T, C>(p, kv, i / p.heads_kv, i % p.heads_kv, rows);
   });
-  const int64_t nqb = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t tq = query_tile(p), nqb = (p.seqlen_q + tq - 1) / tq;
   parallel_for(p.batch * p.heads * nqb, 1, [&](int64_t item0, int64_t item1) {
     ForwardScratch<C> w(kv.dp, kv.dvp);
     for (int64_t item = item0; item < item1; ++item) {
       const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
       const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
-      if (qb * kBlockQ >= s.sq) continue;
+      if (qb * tq >= s.sq) continue;
       forward_block<T, C>(p, kv, s, h, qb, w);
     }
   });
@@ -219,16 +283,14 @@ void forward(const AttentionParams& p) {
 // Row log-sum-exps of the scores of query rows [i0, i0 + rows), by an online pass over the
 // packed K^T blocks (kt: all blocks of the sequence). Rows with no visible key get -inf.
 template <typename C>
-void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows, const KeyRange& kr,
+void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t i0, int64_t rows, const Visits& visits,
                const C* qs, int64_t dp, const C* kt, C* S, C* lse) {
   C m[kBlockQ], l[kBlockQ];
   std::fill(m, m + kBlockQ, neg_inf<C>());
   std::fill(l, l + kBlockQ, C(0));
-  for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, s.sk - j0);
-    const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
-    gemm<C>(kBlockQ, kBlockK, p.head_dim, qs, dp, kt + (j0 / kBlockK) * dp * kBlockK, kBlockK, S, kBlockK);
-    finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S, nullptr);
+  for (const Visit& visit : visits.list) {
+    gemm<C>(kBlockQ, kBlockK, p.head_dim, qs, dp, kt + (visit.j0 / kBlockK) * dp * kBlockK, kBlockK, S, kBlockK);
+    finish_scores<C>(p, s, slope, i0, rows, visit, S, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       C* row = S + r * kBlockK;
       const C mx = row_max<C>(row, kBlockK, m[r]);
@@ -251,6 +313,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   const int64_t skp = round_up(s.sk, kBlockK) + kBlockK;
   std::vector<C> dk_acc(skp * dp, C(0)), dv_acc(skp * dvp, C(0));
   std::vector<C> qs(kBlockQ * dp), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
+  Visits visits;
   std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), Pt(kBlockK * kBlockQ),
       dSt(kBlockK * kBlockQ), orow(dvp), lse(kBlockQ), delta(kBlockQ), vrows(kBlockK * dvp);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
@@ -271,16 +334,18 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-    for (int64_t i0 = 0; i0 < s.sq; i0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, s.sq - i0);
-      const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+    const int64_t tq = query_tile(p);
+    for (int64_t i0 = 0; i0 < s.sq; i0 += tq) {
+      const int64_t rows = std::min(tq, s.sq - i0);
+      tile_visits(p, s, h, i0, rows, visits);
+      const bool any = !visits.list.empty();
       const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
       const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
       const T* dO = static_cast<const T*>(g.dout) + b * g.dout_stride[0] + (s.tq + i0) * g.dout_stride[1] +
                     h * g.dout_stride[2];
       T* dq = static_cast<T*>(g.dq) + b * g.dq_stride[0] + (s.tq + i0) * g.dq_stride[1] + h * g.dq_stride[2];
       std::fill(dq_acc.begin(), dq_acc.end(), C(0));
-      if (kr.begin < kr.end) {
+      if (any) {
         pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), qs.data(), kBlockQ, dp);
         pack_rows<T, C>(dO, g.dout_stride[1], rows, Dv, C(1), dout.data(), kBlockQ, dvp);
         for (int64_t r = 0; r < kBlockQ; ++r) {
@@ -303,17 +368,16 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
       if constexpr (std::is_same<C, double>::value) {
         // The saved lse is float32 (the public format); float64 gradients need it exact, so
         // recompute it here with one extra pass over the scores.
-        if (kr.begin < kr.end) exact_lse<C>(p, s, slope, i0, rows, kr, qs.data(), dp, kt.data(), S.data(), lse.data());
+        if (any) exact_lse<C>(p, s, slope, i0, rows, visits, qs.data(), dp, kt.data(), S.data(), lse.data());
       }
-      for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, s.sk - j0);
-        const bool masked = j0 < kr.full_begin || j0 + cols > kr.full_end;
+      for (const Visit& visit : visits.list) {
+        const int64_t j0 = visit.j0, cols = std::min(kBlockK, s.sk - j0);
         const int64_t kb = j0 / kBlockK;
         const C* ktb = kt.data() + kb * dp * kBlockK;
         const C* kpb = kp.data() + kb * kBlockK * dp;
         const C* vtb = vt.data() + kb * dvp * kBlockK;
         gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
-        finish_scores<C>(p, s, slope, i0, rows, j0, cols, masked, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
+        finish_scores<C>(p, s, slope, i0, rows, visit, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
         for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
           C* row = S.data() + r * kBlockK;
           if (lse[r] == neg_inf<C>()) {

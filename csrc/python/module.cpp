@@ -172,7 +172,16 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
 
 // ---- flash attention -------------------------------------------------------------------
 
+// A BlockMask's lists as the kernels read them; checked against q and k at call time.
+struct BlockSparseArgs {
+  TensorView kv_num, kv_idx, full_num, full_idx;
+  int64_t block_q, block_k;
+  bool causal;
+  int64_t window_left, window_right, sink_tokens;
+};
+
 struct AttentionArgs {
+  const BlockSparseArgs* sparse = nullptr;
   const TensorView* cu_seqlens_q;
   const TensorView* cu_seqlens_k;
   int64_t max_seqlen_q, max_seqlen_k;
@@ -332,11 +341,80 @@ AttentionParams attention_params(const char* op, const TensorView& q, const Tens
   return p;
 }
 
+// Checks a BlockMask's lists against q/k (shapes, dtypes, every count and index in range)
+// and fills `bs`; afterwards the kernel may read them without bounds checks.
+void block_sparse_schedule(const char* op, const BlockSparseArgs& m, const AttentionParams& p, BlockSparseSchedule& bs) {
+  using namespace checks;
+  LONGATTN_CHECK_VALUE(m.block_q >= 1 && m.block_k >= 1, cat(op, ": block_mask block sizes must be positive"));
+  const int64_t nqb = (p.seqlen_q + m.block_q - 1) / m.block_q, nkb = (p.seqlen_k + m.block_k - 1) / m.block_k;
+  const TensorView* nums[2] = {&m.kv_num, &m.full_num};
+  const TensorView* idxs[2] = {&m.kv_idx, &m.full_idx};
+  const char* num_names[2] = {"block_mask.kv_num_blocks", "block_mask.full_kv_num_blocks"};
+  const char* idx_names[2] = {"block_mask.kv_indices", "block_mask.full_kv_indices"};
+  for (int l = 0; l < 2; ++l) {
+    const TensorView& n = *nums[l];
+    const TensorView& x = *idxs[l];
+    LONGATTN_CHECK_TYPE(n.dtype == DType::Int32 && x.dtype == DType::Int32,
+                        cat(op, ": ", num_names[l], " and ", idx_names[l], " must be int32"));
+    LONGATTN_CHECK_VALUE(n.device == DeviceType::CPU && x.device == DeviceType::CPU,
+                         cat(op, ": block-sparse attention runs on the CPU only for now; the block mask must be there"));
+    LONGATTN_CHECK_VALUE(n.ndim == 3 && x.ndim == 4, cat(op, ": ", num_names[l], " must be (B|1, H|1, nQb) and ",
+                                                          idx_names[l], " (B|1, H|1, nQb, nKb)"));
+    LONGATTN_CHECK_VALUE((n.shape[0] == 1 || n.shape[0] == p.batch) && (n.shape[1] == 1 || n.shape[1] == p.heads) &&
+                             n.shape[2] == nqb,
+                         cat(op, ": ", num_names[l], " has shape ", shape_str(n), " but q needs (", p.batch, "|1, ",
+                             p.heads, "|1, ", nqb, ") for block_q ", m.block_q));
+    for (int d = 0; d < 3; ++d)
+      LONGATTN_CHECK_VALUE(x.shape[d] == n.shape[d], cat(op, ": ", idx_names[l], " and ", num_names[l], " disagree"));
+    LONGATTN_CHECK_VALUE(x.shape[3] == nkb, cat(op, ": ", idx_names[l], " has ", x.shape[3], " key blocks, k needs ",
+                                                nkb, " for block_k ", m.block_k));
+    LONGATTN_CHECK_VALUE(x.shape[3] <= 1 || x.stride[3] == 1, cat(op, ": ", idx_names[l], " must be contiguous"));
+    const int32_t* nd = static_cast<const int32_t*>(n.data);
+    const int32_t* xd = static_cast<const int32_t*>(x.data);
+    for (int64_t b = 0; b < n.shape[0]; ++b)
+      for (int64_t h = 0; h < n.shape[1]; ++h)
+        for (int64_t q = 0; q < nqb; ++q) {
+          const int32_t c = nd[b * n.stride[0] + h * n.stride[1] + q * n.stride[2]];
+          LONGATTN_CHECK_VALUE(c >= 0 && c <= nkb, cat(op, ": ", num_names[l], " holds ", c, ", outside [0, ", nkb, "]"));
+          const int32_t* row = xd + b * x.stride[0] + h * x.stride[1] + q * x.stride[2];
+          for (int32_t i = 0; i < c; ++i)
+            LONGATTN_CHECK_VALUE(row[i] >= 0 && row[i] < nkb && (i == 0 || row[i] > row[i - 1]),
+                                 cat(op, ": ", idx_names[l], " must hold sorted indices in [0, ", nkb, ")"));
+        }
+  }
+  auto bstride = [&](const TensorView& t, int d) { return t.shape[d] == 1 ? int64_t(0) : t.stride[d]; };
+  LONGATTN_CHECK_VALUE(m.kv_num.shape[0] == m.full_num.shape[0] && m.kv_num.shape[1] == m.full_num.shape[1] &&
+                           m.kv_num.stride[0] == m.full_num.stride[0] && m.kv_num.stride[1] == m.full_num.stride[1] &&
+                           m.kv_num.stride[2] == m.full_num.stride[2] && m.kv_idx.stride[0] == m.full_idx.stride[0] &&
+                           m.kv_idx.stride[1] == m.full_idx.stride[1] && m.kv_idx.stride[2] == m.full_idx.stride[2],
+                       cat(op, ": the partial and full lists of block_mask must share shapes and strides"));
+  bs.kv_num = static_cast<const int32_t*>(m.kv_num.data);
+  bs.kv_idx = static_cast<const int32_t*>(m.kv_idx.data);
+  bs.full_num = static_cast<const int32_t*>(m.full_num.data);
+  bs.full_idx = static_cast<const int32_t*>(m.full_idx.data);
+  for (int d = 0; d < 3; ++d) {
+    bs.num_stride[d] = bstride(m.kv_num, d);
+    bs.idx_stride[d] = bstride(m.kv_idx, d);
+  }
+  bs.block_q = m.block_q;
+  bs.block_k = m.block_k;
+  bs.causal = m.causal;
+  bs.window_left = m.window_left;
+  bs.window_right = m.window_right;
+  bs.sink_tokens = m.sink_tokens;
+}
+
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                        const TensorView* lse, const AttentionArgs& a, uintptr_t stream) {
-  const char* op = a.cu_seqlens_q ? "flash_attention_varlen" : "flash_attention";
+  const char* op = a.sparse ? "block_sparse_attention" : a.cu_seqlens_q ? "flash_attention_varlen" : "flash_attention";
   AttentionParams p = attention_params(op, q, k, v, out, lse, a);
   LONGATTN_CHECK_VALUE(lse != nullptr, checks::cat(op, ": lse is required"));
+  BlockSparseSchedule bs;
+  if (a.sparse) {
+    LONGATTN_CHECK_VALUE(!a.cu_seqlens_q, checks::cat(op, ": block-sparse attention takes dense batches"));
+    block_sparse_schedule(op, *a.sparse, p, bs);
+    p.sparse = &bs;
+  }
   if (p.batch == 0 || p.heads == 0) return;
   NvtxRange range(op);
   run_on_backend(
@@ -350,9 +428,16 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const TensorView& lse, const TensorView& dout, const TensorView* dlse, const TensorView& dq,
                         const TensorView& dk, const TensorView& dv, const AttentionArgs& a, uintptr_t stream) {
   using namespace checks;
-  const char* op = a.cu_seqlens_q ? "flash_attention_varlen backward" : "flash_attention backward";
+  const char* op = a.sparse         ? "block_sparse_attention backward"
+                   : a.cu_seqlens_q ? "flash_attention_varlen backward"
+                                    : "flash_attention backward";
   AttentionGradParams g;
   g.fwd = attention_params(op, q, k, v, out, &lse, a);
+  BlockSparseSchedule bs;
+  if (a.sparse) {
+    block_sparse_schedule(op, *a.sparse, g.fwd, bs);
+    g.fwd.sparse = &bs;
+  }
   auto grad_like = [&](const char* name, const TensorView& t, const TensorView& ref, const char* ref_name) {
     LONGATTN_CHECK_VALUE(t.ndim == ref.ndim, cat(op, ": ", name, " must have the shape of ", ref_name));
     for (int d = 0; d < t.ndim; ++d)
@@ -452,36 +537,49 @@ PYBIND11_MODULE(_C, m) {
         py::arg("positions").none(true), py::arg("inv_freq"), py::arg("attention_factor"), py::arg("interleaved"),
         py::arg("conjugate"), py::arg("stream"));
 
+  py::class_<BlockSparseArgs>(m, "BlockSparse")
+      .def(py::init([](const TensorView& kv_num, const TensorView& kv_idx, const TensorView& full_num,
+                       const TensorView& full_idx, int64_t block_q, int64_t block_k, bool causal, int64_t wl, int64_t wr,
+                       int64_t sink) {
+             return BlockSparseArgs{kv_num, kv_idx, full_num, full_idx, block_q, block_k, causal, wl, wr, sink};
+           }),
+           py::arg("kv_num"), py::arg("kv_idx"), py::arg("full_num"), py::arg("full_idx"), py::arg("block_q"),
+           py::arg("block_k"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
+           py::arg("sink_tokens"));
   auto args = [](const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale,
-                 double softcap, const TensorView* alibi, int64_t wl, int64_t wr, bool causal) {
-    return AttentionArgs{cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal};
+                 double softcap, const TensorView* alibi, int64_t wl, int64_t wr, bool causal,
+                 const BlockSparseArgs* sparse) {
+    return AttentionArgs{sparse, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal};
   };
   m.def(
       "attention_forward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView* lse,
              const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale, double softcap,
-             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream) {
-        attention_forward(q, k, v, out, lse, args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal),
-                          stream);
+             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream,
+             const BlockSparseArgs* sparse) {
+        attention_forward(q, k, v, out, lse,
+                          args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, sparse), stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse").none(true),
       py::arg("cu_seqlens_q").none(true), py::arg("cu_seqlens_k").none(true), py::arg("max_seqlen_q"),
       py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("alibi_slopes").none(true),
-      py::arg("window_left"), py::arg("window_right"), py::arg("causal"), py::arg("stream"));
+      py::arg("window_left"), py::arg("window_right"), py::arg("causal"), py::arg("stream"),
+      py::arg("block_sparse").none(true) = py::none());
   m.def(
       "attention_backward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,
              const TensorView& dout, const TensorView* dlse, const TensorView& dq, const TensorView& dk,
              const TensorView& dv, const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale, double softcap,
-             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream) {
+             const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream,
+             const BlockSparseArgs* sparse) {
         attention_backward(q, k, v, out, lse, dout, dlse, dq, dk, dv,
-                           args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal), stream);
+                           args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, sparse), stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dlse").none(true), py::arg("dq"),
       py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q").none(true), py::arg("cu_seqlens_k").none(true),
       py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"),
       py::arg("alibi_slopes").none(true), py::arg("window_left"), py::arg("window_right"), py::arg("causal"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("block_sparse").none(true) = py::none());
   m.def("build_info", &build_info);
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _C, masks
 from .block_mask import BlockMask, ElementMask
+from .block_sparse import block_sparse_attention
 from .attention import flash_attention, flash_attention_varlen, merge_states
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, rope_frequencies
@@ -17,6 +18,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_varlen",
     "merge_states",
+    "block_sparse_attention",
     "BlockMask",
     "ElementMask",
     "masks",

@@ -68,7 +68,7 @@ def _check_cu_seqlens_on_host(cu: _arrays.Array, name: str, total: int, op: str)
 
 
 def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap, alibi_slopes,
-                   window_left, window_right, causal, stream=None, op="flash_attention"):
+                   window_left, window_right, causal, stream=None, op="flash_attention", block_sparse=None):
     """Forward on arrays of any framework, no autograd. Returns (out, lse)."""
     qa, ka, va = (_arrays.wrap(x, n, op) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _arrays.check_same_place(op, "q", qa, k=ka, v=va)
@@ -96,12 +96,13 @@ def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     _C.attention_forward(qa.view(), ka.view(), va.view(), _arrays.wrap(out, "out", op).view(),
                          _arrays.wrap(lse, "lse", op).view(), _view(cu_q), _view(cu_k), int(max_seqlen_q or 0),
                          int(max_seqlen_k or 0), scale, softcap, _view(alibi), window_left, window_right, causal,
-                         _arrays.stream_of(qa, stream))
+                         _arrays.stream_of(qa, stream), block_sparse)
     return _arrays.to_caller(qa, out), _arrays.to_caller(qa, lse)
 
 
 def backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
-                    alibi_slopes, window_left, window_right, causal, stream=None, op="flash_attention backward"):
+                    alibi_slopes, window_left, window_right, causal, stream=None, op="flash_attention backward",
+                    block_sparse=None):
     """Gradients (dq, dk, dv) on arrays of any framework. Deterministic: every gradient
     is accumulated in a fixed order on the CPU."""
     names = ("dout", "q", "k", "v", "out", "lse")
@@ -117,7 +118,7 @@ def backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                           _arrays.wrap(dq, "dq", op).view(), _arrays.wrap(dk, "dk", op).view(),
                           _arrays.wrap(dv, "dv", op).view(), _view(cu_q), _view(cu_k), int(max_seqlen_q or 0),
                           int(max_seqlen_k or 0), scale, softcap, _view(alibi), window_left, window_right, causal,
-                          _arrays.stream_of(qa, stream))
+                          _arrays.stream_of(qa, stream), block_sparse)
     return tuple(_arrays.to_caller(qa, x) for x in (dq, dk, dv))
 
 

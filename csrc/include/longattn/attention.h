@@ -15,6 +15,29 @@
 
 namespace longattn {
 
+// Explicit key-block lists from a BlockMask (python/longattn/block_mask.py): for each
+// (batch|1, head|1, query block), sorted partial and full key blocks. Partial blocks get
+// the element mask (causal, window and sink tokens; bottom-right aligned); full blocks
+// none. Indices were validated where the mask was built and again by the binding.
+struct BlockSparseSchedule {
+  const int32_t* kv_num = nullptr;  // (B|1, H|1, nQb) partial counts
+  const int32_t* kv_idx = nullptr;  // (B|1, H|1, nQb, nKb)
+  const int32_t* full_num = nullptr;
+  const int32_t* full_idx = nullptr;
+  int64_t num_stride[3] = {};  // element strides over (batch, head, q block); 0 broadcasts
+  int64_t idx_stride[3] = {};  // the same for the index arrays (the slot dim is contiguous)
+  int64_t block_q = 0, block_k = 0;
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1, sink_tokens = 0;
+
+  bool visible(int64_t i, int64_t j, int64_t sq, int64_t sk) const {
+    const int64_t d = i + sk - sq;
+    if (causal && j > d) return false;
+    const bool in_window = (window_left < 0 || j >= d - window_left) && (window_right < 0 || j <= d + window_right);
+    return in_window || j < sink_tokens;
+  }
+};
+
 struct AttentionParams {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -37,6 +60,7 @@ struct AttentionParams {
   const float* alibi_slopes = nullptr;  // (B|1, H) float32
   int64_t alibi_batch_stride = 0;
   int64_t window_left = -1, window_right = -1;  // right already clamped to 0 when causal
+  const BlockSparseSchedule* sparse = nullptr;  // explicit schedule (dense batches only)
 
   int64_t seq_q(int64_t b) const { return cu_seqlens_q ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q; }
   int64_t seq_k(int64_t b) const { return cu_seqlens_k ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k; }
