@@ -117,8 +117,13 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
       v.states[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = state;
     }
   }
-  for (size_t i = 0; i < tiles.size(); ++i) v.list.push_back({tiles[i] * kBlockK, true, nullptr});
-  for (size_t i = 0; i < tiles.size(); ++i) v.list[i].state = v.states.data() + i * kBlockK;
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const uint8_t* st = v.states.data() + i * kBlockK;
+    const int64_t j0 = tiles[i] * kBlockK, cols = std::min(kBlockK, s.sk - j0);
+    // A tile made only of full blocks needs no per-column work: treat it as dense.
+    const bool all_full = std::all_of(st, st + cols, [](uint8_t x) { return x == 1; });
+    v.list.push_back({j0, !all_full, all_full ? nullptr : st});
+  }
 }
 
 // Scores of one (query block, key block) tile, after scale (folded into q), softcap,
