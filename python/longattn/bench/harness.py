@@ -83,7 +83,8 @@ class Workload:
     """One variant of one case: our callable and the peer's, on the same inputs.
 
     ``bytes`` is the DRAM traffic of the ideal kernel (reads plus writes) and gives
-    GB/s; ``flops`` gives TFLOP/s. Declare whichever describes the op. ``compare``
+    GB/s; ``flops`` gives TFLOP/s (``peer_flops`` when the peer does different work,
+    e.g. dense attention against a sparse one). Declare whichever describes the op. ``compare``
     receives the two return values and returns a :class:`Match`; leave it ``None``
     when the outputs are not comparable.
     """
@@ -94,6 +95,7 @@ class Workload:
     bytes: int | None = None
     flops: float | None = None
     compare: Callable[[Any, Any], Match] | None = None
+    peer_flops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ class Row:
     peer: Timing | None = None
     bytes: int | None = None
     flops: float | None = None
+    peer_flops: float | None = None
     match: Match | None = None
     copy_gbps: float | None = None
     error: str | None = None
@@ -285,7 +288,8 @@ class Row:
             return None, None
         s = t.median_ms * 1e-3
         gbps = self.bytes / s / 1e9 if self.bytes else None
-        tflops = self.flops / s / 1e12 if self.flops else None
+        flops = self.peer_flops if side == "peer" and self.peer_flops else self.flops
+        tflops = flops / s / 1e12 if flops else None
         return gbps, tflops
 
     def to_json(self) -> dict:
@@ -317,7 +321,8 @@ class Row:
 
 
 def _run_workload(entry: Entry, case: Case, w: Workload, settings: Settings) -> Row:
-    row = Row(entry.name, w.variant, dict(case.params), settings.dtype, bytes=w.bytes, flops=w.flops)
+    row = Row(entry.name, w.variant, dict(case.params), settings.dtype, bytes=w.bytes, flops=w.flops,
+              peer_flops=w.peer_flops)
     try:
         ours_out = w.ours()
         peer_out = w.peer()
