@@ -39,6 +39,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import longattn
+from reference.rope import CPU_DTYPES, NP_DTYPES, TORCH_DTYPES
 from reference.attention import (
     NP_BFLOAT16,
     alibi_bias,
@@ -57,19 +58,6 @@ from reference.attention import (
     visible_mask,
 )
 
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-NP_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "float16": np.dtype(np.float16),
-    "bfloat16": NP_BFLOAT16,
-}
-CPU_DTYPES = ["float32", "float64", "float16", "bfloat16"]
 CUDA_DTYPES = ["float16", "bfloat16"]
 D_CHOICES = [8, 16, 40, 64, 80, 128]
 CUDA_D_CHOICES = [64, 128, 256]

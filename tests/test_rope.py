@@ -26,6 +26,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import longattn
+from reference.rope import CPU_DTYPES, NP_DTYPES, TORCH_DTYPES
 from reference.rope import (
     NP_BFLOAT16,
     assert_matches_reference,
@@ -37,19 +38,6 @@ from reference.rope import (
     to_float64,
 )
 
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-NP_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "float16": np.dtype(np.float16),
-    "bfloat16": NP_BFLOAT16,
-}
-CPU_DTYPES = ["float32", "float64", "float16", "bfloat16"]
 CUDA_DTYPES = ["float16", "bfloat16", "float32"]
 HALF = ("float16", "bfloat16")
 INT_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]

@@ -271,3 +271,21 @@ def assert_matches_reference(out, ref, x, *, naive=None, what="output"):
             f"(naive {name} error {naive_err:.3g})")
     else:  # pragma: no cover
         raise AssertionError(f"unexpected dtype {name}")
+
+
+# dtype tables shared by the test modules: name -> torch dtype / NumPy dtype
+def _torch_dtypes():
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}
+
+
+TORCH_DTYPES = _torch_dtypes()
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
+    "bfloat16": NP_BFLOAT16,
+}
+CPU_DTYPES = ["float32", "float64", "float16", "bfloat16"]
