@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import _C
 from .attention import flash_attention, flash_attention_varlen, merge_states
+from .linear_attention import linear_attention, linear_attention_step
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, rope_frequencies
 
@@ -16,6 +17,8 @@ __all__ = [
     "flash_attention",
     "flash_attention_varlen",
     "merge_states",
+    "linear_attention",
+    "linear_attention_step",
     "apply_rope",
     "rope_frequencies",
     "ROPE_TYPES",
