@@ -392,7 +392,9 @@ def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, 
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     if needs_grad:
         # Autograd covers functional ops: compute out of place, then copy_ into the state.
-        out, S, z = linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, False, op)
+        # The graph keeps a copy of the old state, which the copy_ below then overwrites.
+        old = S_in.clone() if z_in is None else (S_in.clone(), z_in.clone())
+        out, S, z = linear_attention_step(q, k, v, old, opts, log_decay, cu_seqlens, False, op)
         S_in.copy_(S)
         if z_in is not None:
             z_in.copy_(z)

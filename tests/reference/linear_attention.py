@@ -57,15 +57,19 @@ def _recurrence(q, k, v, g, S0, z0, causal, normalize):
 
 
 def linear_attention_reference(q, k, v, *, causal=True, scale=None, feature_map=None, normalize=False,
-                               log_decay=None, initial_state=None, cu_seqlens=None):
+                               log_decay=None, initial_state=None, cu_seqlens=None, absolute=False):
     """Returns (out (B, T, H, V), S (N, H, K, V), z (N, H, K)), all float64.
 
-    initial_state: None, S0, or (S0, z0). cu_seqlens: packed (1, total, ...) batch."""
+    initial_state: None, S0, or (S0, z0). cu_seqlens: packed (1, total, ...) batch.
+    absolute=True runs the recurrence on |q~|, |k~|, |v|, |S0|, |z0|: the magnitude of the
+    sums behind each output, which scales the rounding error a correct kernel may make."""
     q, k, v = (to_float64(x) for x in (q, k, v))
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     qf = scale * feature(q, feature_map)
     kf = feature(k, feature_map)
+    if absolute:
+        qf, kf, v = np.abs(qf), np.abs(kf), np.abs(v)
     g = None
     if log_decay is not None:
         g = to_float64(log_decay)
@@ -76,6 +80,9 @@ def linear_attention_reference(q, k, v, *, causal=True, scale=None, feature_map=
             S0, z0 = (to_float64(x) for x in initial_state)
         else:
             S0 = to_float64(initial_state)
+        if absolute:
+            S0 = np.abs(S0)
+            z0 = None if z0 is None else np.abs(z0)
     if cu_seqlens is None:
         spans = [(b, 0, T) for b in range(B)]
     else:
