@@ -17,6 +17,7 @@
 // Operands are packed into zero-padded tiles so simd.h's gemm_acc runs without edges.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "convert.h"
@@ -102,14 +103,15 @@ struct Item {
 template <typename C>
 struct Scratch {
   int64_t P, Kp, Vp;  // padded chunk, key dim, value dim (V' = V + normalize)
-  std::vector<C> q, k, kt, v, a, o, s, tmp, tmp2, b, eb, ebl, dq, dk, dv, dout, dqd, dkd, u;
+  std::vector<C> q, k, kt, v, a, o, s, tmp, tmp2, b, eb, ebl, erow, dq, dk, dv, dout, u;
+  std::vector<C> states;  // backward: the state entering each chunk, reused across items
   Scratch(int64_t chunk, int64_t K, int64_t Vc) {
     const int64_t al = gemm_col_align<C>();
     P = round_up(std::max<int64_t>(chunk, 1), al);
     Kp = round_up(std::max<int64_t>(K, 1), al);
     Vp = round_up(std::max<int64_t>(Vc, 1), al);
     const int64_t mx = std::max(Kp, Vp);
-    for (auto* x : {&q, &k, &dq, &dk, &dqd, &dkd}) x->assign(size_t(P * Kp), C(0));
+    for (auto* x : {&q, &k, &dq, &dk}) x->assign(size_t(P * Kp), C(0));
     kt.assign(size_t(mx * P), C(0));
     for (auto* x : {&v, &o, &dv, &dout}) x->assign(size_t(P * Vp), C(0));
     a.assign(size_t(P * P), C(0));
@@ -121,6 +123,7 @@ struct Scratch {
     b.assign(size_t(P), C(0));
     eb.assign(size_t(P), C(0));
     ebl.assign(size_t(P), C(0));
+    erow.assign(size_t(P), C(0));
   }
 };
 
@@ -190,8 +193,15 @@ struct Kernel {
         std::fill(r, r + w.P, C(0));
         continue;
       }
-      if (p.log_decay)
-        for (int64_t j = 0; j <= i; ++j) r[j] *= std::exp(w.b[i] - w.b[j]);
+      if (p.log_decay) {
+        // e_j = exp(b_i - b_j) <= 1 for j <= i (vectorized exp; 0 past the diagonal).
+        C* e = w.erow.data();
+        const int64_t n = round_up(i + 1, Vec<C>::N);
+        for (int64_t j = 0; j <= i; ++j) e[j] = -w.b[j];
+        std::fill(e + i + 1, e + n, -std::numeric_limits<C>::infinity());
+        exp_shifted_sum(e, n, C(-w.b[i]));
+        for (int64_t j = 0; j <= i; ++j) r[j] *= e[j];
+      }
       std::fill(r + i + 1, r + w.P, C(0));
     }
   }
@@ -319,11 +329,11 @@ struct GradKernel : Kernel<T, C> {
   using B::Vc;
   using B::w;
   const LinearAttentionGradParams& g;
-  std::vector<C> states;  // state entering each chunk (causal)
+  std::vector<C>& states;  // state entering each chunk (causal)
   std::vector<C> qd, kd;  // scale * phi'(q), phi'(k)
 
   GradKernel(const LinearAttentionGradParams& g_, Scratch<C>& w_, const Item& it_)
-      : B(g_.fwd, w_, it_), g(g_), qd(w_.P * w_.Kp), kd(w_.P * w_.Kp) {}
+      : B(g_.fwd, w_, it_), g(g_), states(w_.states), qd(w_.P * w_.Kp), kd(w_.P * w_.Kp) {}
 
   // dO' (augmented with the normalizer's gradient) for rows [t0, t0+L) into w.dout.
   // Needs w.o = the unnormalized O' of the chunk when normalizing.
@@ -377,7 +387,7 @@ struct GradKernel : Kernel<T, C> {
     const int64_t ch = p.chunk_size, P = w.P, Kp = w.Kp, Vp = w.Vp;
     const int64_t nch = (it.T + ch - 1) / ch;
     const size_t SE = size_t(Kp * Vp);
-    states.assign(size_t(nch + 1) * SE, C(0));
+    if (states.size() < size_t(nch + 1) * SE) states.resize(size_t(nch + 1) * SE);
     // Pass 1: the state entering every chunk, and the final state.
     B::load_state(p.initial_state, p.initial_z);
     for (int64_t c = 0; c < nch; ++c) {
