@@ -186,6 +186,19 @@ def test_every_option_combination_matches_the_float64_recurrence(causal, feature
     check_against_reference(case, out, st_)
 
 
+@pytest.mark.parametrize("causal, feature_map, normalize, decay, state", ALL_COMBOS)
+def test_short_sequences_taking_the_token_recurrence_path_match_the_reference(causal, feature_map, normalize, decay,
+                                                                               state):
+    # Causal sequences of at most 8 tokens (decoding) run the token recurrence, not chunks.
+    if normalize and feature_map is None:
+        feature_map = "elu1"
+    case = make_case(np.random.default_rng(9), 2, 6, 3, 5, 7, "float32", causal, feature_map, normalize, decay,
+                     5.0, state)
+    q, k, v, g, s = torch_inputs(case)
+    out, st_ = longattn.linear_attention(q, k, v, log_decay=g, initial_state=s, return_state=True, **case.kwargs())
+    check_against_reference(case, out, st_)
+
+
 @given(case=cases())
 def test_output_and_final_state_match_reference_for_all_dtypes_shapes_and_chunk_sizes(case):
     q, k, v, g, s = torch_inputs(case)

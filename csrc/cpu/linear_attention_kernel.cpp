@@ -35,6 +35,8 @@ namespace LONGATTN_ISA_NS {
 namespace {
 
 constexpr double kNormEps = 1e-10;
+// Causal sequences this short run the token recurrence in the forward (decoding steps).
+constexpr int64_t kRecurrentMaxTokens = 8;
 
 template <typename C>
 inline C phi(FeatureMap f, C x) {
@@ -270,10 +272,46 @@ struct Kernel {
     }
   }
 
+  // Token-by-token recurrence (decoding a few tokens): O(K V) per token instead of the
+  // padded chunk products. S = exp(g_t) S + k~_t v_t^T, o_t = S^T q~_t.
+  void recurrent() {
+    C* q = w.q.data();
+    C* k = w.k.data();
+    C* v = w.v.data();
+    C* o = w.o.data();
+    C* S = w.s.data();
+    const int64_t Vp = w.Vp;
+    for (int64_t t = 0; t < it.T; ++t) {
+      load_tile<T, C>(row<T>(p.q, p.q_stride, t), p.q_stride[1], 1, K, p.feature_map, C(p.scale), q, 1, w.Kp);
+      load_tile<T, C>(row<T>(p.k, p.k_stride, t), p.k_stride[1], 1, K, p.feature_map, C(1), k, 1, w.Kp);
+      load_tile<T, C>(row<T>(p.v, p.v_stride, t), p.v_stride[1], 1, V, FeatureMap::Identity, C(1), v, 1, Vp);
+      if (p.normalize) v[V] = C(1);
+      const C d = p.log_decay ? std::exp(*row<C>(p.log_decay, p.g_stride, t)) : C(1);
+      std::fill(o, o + Vp, C(0));
+      for (int64_t r = 0; r < K; ++r) {
+        C* sr = S + r * Vp;
+        const C kr = k[r], qr = q[r];
+        for (int64_t c = 0; c < Vc; ++c) {
+          sr[c] = d * sr[c] + kr * v[c];
+          o[c] += qr * sr[c];
+        }
+      }
+      if (p.out) {
+        if (p.normalize) {
+          const C inv = C(1) / (o[V] + C(kNormEps));
+          for (int64_t c = 0; c < V; ++c) o[c] *= inv;
+        }
+        store_row<T, C>(o, wrow<T>(p.out, p.out_stride, t), V);
+      }
+    }
+  }
+
   void forward() {
     const int64_t ch = p.chunk_size;
     load_state(p.initial_state, p.initial_z);
-    if (p.causal) {
+    if (p.causal && it.T <= kRecurrentMaxTokens) {
+      recurrent();
+    } else if (p.causal) {
       for (int64_t t0 = 0; t0 < it.T; t0 += ch) {
         const int64_t L = std::min(ch, it.T - t0);
         const C ebL = decays(t0, L);
