@@ -561,6 +561,9 @@ def _bad_calls():
         "mixed_frameworks": (TypeError, r"\bk\b", lambda: la(q, q.numpy(), v)),
         "step_inplace_dtype": (ValueError, "state",
                                lambda: longattn.linear_attention_step(q, q, v, S.double(), inplace=True)),
+        "step_inplace_strided": (ValueError, "state", lambda: longattn.linear_attention_step(
+            q.numpy(), q.numpy(), v.numpy(), S.numpy().transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2),
+            inplace=True)),
         "step_inplace_none": (ValueError, "state", lambda: longattn.linear_attention_step(q, q, v, None, inplace=True)),
     }
 

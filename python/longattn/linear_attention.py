@@ -275,6 +275,8 @@ def linear_attention_step(q, k, v, state, *, scale: Optional[float] = None, feat
                     raise ValueError(f"{op}: state is read-only; inplace=True writes it")
                 if a.dtype != cd:
                     raise TypeError(f"{op}: with inplace=True, state must be {cd}, got {a.dtype}")
+                if a.strides != _arrays._contiguous_strides(a.shape):
+                    raise ValueError(f"{op}: with inplace=True, state must be contiguous")
             final = (S_in, z_in)
         out, S, z = _numpy_call(q, k, v, opts, log_decay, state, cu_seqlens, op, final)
     return out, ((S, z) if opts["normalize"] else S)
