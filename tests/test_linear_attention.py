@@ -468,6 +468,21 @@ def test_numpy_in_numpy_out_equals_torch(dtype):
     np.testing.assert_array_equal(S, S_want.numpy())
 
 
+def test_jax_cpu_arrays_in_jax_arrays_out_equal_numpy():
+    jnp = pytest.importorskip("jax.numpy")
+    case = make_case(np.random.default_rng(17), 1, 20, 2, 4, 4, "float32", decay="token", state=True)
+    args = [x.astype(np.float32) for x in (case.q, case.k, case.v)]
+    want, S_want = longattn.linear_attention(*args, log_decay=case.log_decay, initial_state=case.initial_state,
+                                             return_state=True)
+    out, S = longattn.linear_attention(*(jnp.asarray(x) for x in args), log_decay=jnp.asarray(case.log_decay),
+                                       initial_state=jnp.asarray(case.initial_state), return_state=True)
+    assert "jax" in type(out).__module__ and "jax" in type(S).__module__
+    np.testing.assert_array_equal(np.asarray(out), want)
+    np.testing.assert_array_equal(np.asarray(S), S_want)
+    with pytest.raises(ValueError, match="state"):
+        longattn.linear_attention_step(*(jnp.asarray(x) for x in args), jnp.asarray(case.initial_state), inplace=True)
+
+
 def test_strided_slices_of_a_packed_qkv_give_the_contiguous_result():
     qkv = torch.randn(2, 30, 3, 4, 8)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]

@@ -163,6 +163,13 @@ def _numpy_call(q, k, v, opts, log_decay, initial_state, cu_seqlens, op, final=N
     qa = _arrays.wrap(q, "q", op)
     cd = compute_dtype(qa.dtype)
     S0, z0 = split_state(initial_state, opts["normalize"], "initial_state", op)
+    others = {name: _arrays.wrap(x, name, op) for name, x in (("k", k), ("v", v), ("log_decay", log_decay),
+                                                              ("initial_state", S0), ("cu_seqlens", cu_seqlens))
+              if x is not None}
+    _arrays.check_same_place(op, "q", qa, **others)
+    if qa.framework == "jax":  # CPU JAX arrays: zero-copy NumPy views in, JAX arrays out
+        q, k, v = (np.asarray(x) for x in (q, k, v))
+        cu_seqlens = None if cu_seqlens is None else np.asarray(cu_seqlens)
     g = None if log_decay is None else _host(log_decay, cd, "log_decay", op).obj
     S0 = None if S0 is None else _host(S0, cd, "initial_state", op).obj
     z0 = None if z0 is None else _host(z0, cd, "initial_state", op).obj
