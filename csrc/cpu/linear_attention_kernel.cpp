@@ -91,6 +91,26 @@ inline void mm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C
   if (K > 0) gemm_acc<C>(M, N, K, A, lda, B, ldb, Cm, ldc);
 }
 
+// C = A B for a chunk-square A (rows and inner dim < L used) that is lower triangular
+// (A_ij = 0 for j > i): each block of kGemmRows rows stops its inner loop at the diagonal.
+template <typename C>
+inline void mm_lower(int64_t M, int64_t N, int64_t L, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
+                     int64_t ldc) {
+  for (int64_t r = 0; r < M; ++r) std::fill(Cm + r * ldc, Cm + r * ldc + N, C(0));
+  for (int64_t m0 = 0; m0 < std::min(M, L); m0 += kGemmRows)
+    gemm_acc<C>(kGemmRows, N, std::min(L, m0 + kGemmRows), A + m0 * lda, lda, B, ldb, Cm + m0 * ldc, ldc);
+}
+
+// The same for an upper triangular A (A_ij = 0 for j < i): the inner loop starts at the
+// diagonal block.
+template <typename C>
+inline void mm_upper(int64_t M, int64_t N, int64_t L, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
+                     int64_t ldc) {
+  for (int64_t r = 0; r < M; ++r) std::fill(Cm + r * ldc, Cm + r * ldc + N, C(0));
+  for (int64_t m0 = 0; m0 < std::min(M, L); m0 += kGemmRows)
+    gemm_acc<C>(kGemmRows, N, L - m0, A + m0 * lda + m0, lda, B + m0 * ldb, ldb, Cm + m0 * ldc, ldc);
+}
+
 template <typename C>
 inline void scale_rows(const C* src, int64_t ld, int64_t n, const C* f, C* dst) {
   for (int64_t r = 0; r < n; ++r)
@@ -248,7 +268,7 @@ struct Kernel {
   void outputs(int64_t L, C* O) {
     if (p.causal) {
       scores(L, w.q.data(), w.a.data());
-      mm<C>(w.P, w.Vp, L, w.a.data(), w.P, w.v.data(), w.Vp, O, w.Vp);
+      mm_lower<C>(w.P, w.Vp, L, w.a.data(), w.P, w.v.data(), w.Vp, O, w.Vp);
       if (p.log_decay) {
         scale_rows<C>(w.q.data(), w.Kp, w.P, w.eb.data(), w.tmp.data());
         gemm_acc<C>(w.P, w.Vp, K, w.tmp.data(), w.Kp, w.s.data(), w.Vp, O, w.Vp);
@@ -461,13 +481,13 @@ struct GradKernel : Kernel<T, C> {
       mm<C>(P, P, Vc, w.dout.data(), Vp, w.tmp2.data(), P, dA.data(), P);
       B::apply_mask(L, dA.data());
       // dQ = dA K + diag(exp b) dO S^T
-      mm<C>(P, Kp, L, dA.data(), P, w.k.data(), Kp, w.dq.data(), Kp);
+      mm_lower<C>(P, Kp, L, dA.data(), P, w.k.data(), Kp, w.dq.data(), Kp);
       // dK = dA^T Q + diag(exp(bL - b)) V U^T
       transpose<C>(dA.data(), P, P, P, w.tmp2.data(), P);
-      mm<C>(P, Kp, L, w.tmp2.data(), P, w.q.data(), Kp, w.dk.data(), Kp);
+      mm_upper<C>(P, Kp, L, w.tmp2.data(), P, w.q.data(), Kp, w.dk.data(), Kp);
       // dV = A^T dO + diag(exp(bL - b)) K U
       transpose<C>(w.a.data(), P, P, P, w.tmp2.data(), P);
-      mm<C>(P, Vp, L, w.tmp2.data(), P, w.dout.data(), Vp, w.dv.data(), Vp);
+      mm_upper<C>(P, Vp, L, w.tmp2.data(), P, w.dout.data(), Vp, w.dv.data(), Vp);
       std::vector<C>& T2 = w.tmp2;
       // diag(exp b) dO -> dqd (P x Vp, stored in tmp), then times S^T
       scale_rows<C>(w.dout.data(), Vp, P, w.eb.data(), w.tmp.data());
