@@ -127,11 +127,21 @@ struct Scratch {
   int64_t P, Kp, Vp;  // padded chunk, key dim, value dim (V' = V + normalize)
   std::vector<C> q, k, kt, v, a, o, s, tmp, tmp2, b, eb, ebl, erow, dq, dk, dv, dout, u;
   std::vector<C> states;  // backward: the state entering each chunk, reused across items
-  Scratch(int64_t chunk, int64_t K, int64_t Vc) {
+  // recurrent_only: every item runs the token recurrence (decoding), which needs one row of
+  // q, k, v, o and the state; skipping the chunk buffers keeps a step's set-up small.
+  Scratch(int64_t chunk, int64_t K, int64_t Vc, bool recurrent_only = false) {
     const int64_t al = gemm_col_align<C>();
     P = round_up(std::max<int64_t>(chunk, 1), al);
     Kp = round_up(std::max<int64_t>(K, 1), al);
     Vp = round_up(std::max<int64_t>(Vc, 1), al);
+    if (recurrent_only) {
+      q.resize(size_t(Kp));
+      k.resize(size_t(Kp));
+      v.resize(size_t(Vp));
+      o.resize(size_t(Vp));
+      s.resize(size_t(Kp * Vp));
+      return;
+    }
     const int64_t mx = std::max(Kp, Vp);
     for (auto* x : {&q, &k, &dq, &dk}) x->assign(size_t(P * Kp), C(0));
     kt.assign(size_t(mx * P), C(0));
@@ -367,7 +377,9 @@ struct Kernel {
 
 template <typename T, typename C>
 void forward_items(const LinearAttentionParams& p, int64_t i0, int64_t i1) {
-  Scratch<C> w(p.chunk_size, p.head_dim, p.head_dim_v + (p.normalize ? 1 : 0));
+  bool recurrent_only = p.causal;
+  for (int64_t i = i0; i < i1 && recurrent_only; ++i) recurrent_only = p.seq_len(i / p.heads) <= kRecurrentMaxTokens;
+  Scratch<C> w(p.chunk_size, p.head_dim, p.head_dim_v + (p.normalize ? 1 : 0), recurrent_only);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n = i / p.heads, h = i % p.heads;
     const Item it{n, h, p.seq_len(n), p.tok0(n), p.brow(n)};
