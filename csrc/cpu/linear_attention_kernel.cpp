@@ -501,7 +501,7 @@ struct GradKernel : Kernel<T, C> {
       transpose<C>(w.a.data(), P, P, P, w.tmp2.data(), P);
       mm_upper<C>(P, Vp, L, w.tmp2.data(), P, w.dout.data(), Vp, w.dv.data(), Vp);
       std::vector<C>& T2 = w.tmp2;
-      // diag(exp b) dO -> dqd (P x Vp, stored in tmp), then times S^T
+      // dQ += diag(exp b) dO S^T   (tmp = diag(exp b) dO, tmp2 = S^T)
       scale_rows<C>(w.dout.data(), Vp, P, w.eb.data(), w.tmp.data());
       transpose<C>(w.s.data(), Kp, Vp, Vp, T2.data(), Kp);  // S^T: Vp x Kp
       gemm_acc<C>(P, Kp, Vc, w.tmp.data(), Vp, T2.data(), Kp, w.dq.data(), Kp);
