@@ -10,8 +10,16 @@
 #include <immintrin.h>
 #endif
 
+#ifndef LONGATTN_ISA_NS
+#error "include only from kernel sources compiled per ISA level (LONGATTN_ISA_NS)"
+#endif
+
 namespace longattn {
 namespace cpu {
+// Per ISA namespace: these inline templates differ between the ISA levels (vector width,
+// F16C), so sharing one mangled name across the per-ISA objects would be an ODR violation
+// and the linker would keep a single (e.g. the baseline SSE) copy for every level.
+namespace LONGATTN_ISA_NS {
 
 using half_t = _Float16;
 struct bf16_t {
@@ -78,5 +86,6 @@ inline void store_row<half_t, float>(const float* src, half_t* dst, int64_t n) {
 }
 #endif
 
+}  // namespace LONGATTN_ISA_NS
 }  // namespace cpu
 }  // namespace longattn

@@ -7,8 +7,16 @@
 #include <cstdint>
 #include <cstring>
 
+#ifndef LONGATTN_ISA_NS
+#error "include only from kernel sources compiled per ISA level (LONGATTN_ISA_NS)"
+#endif
+
 namespace longattn {
 namespace cpu {
+// Per ISA namespace: these inline templates differ between the ISA levels (vector width,
+// F16C), so sharing one mangled name across the per-ISA objects would be an ODR violation
+// and the linker would keep a single (e.g. the baseline SSE) copy for every level.
+namespace LONGATTN_ISA_NS {
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
@@ -150,5 +158,6 @@ inline double exp_shifted_sum(double* x, int64_t n, double shift) {
   return sum;
 }
 
+}  // namespace LONGATTN_ISA_NS
 }  // namespace cpu
 }  // namespace longattn

@@ -27,6 +27,10 @@
 namespace py = pybind11;
 using namespace longattn;
 
+namespace longattn {
+void register_linear_attention(py::module_& m);  // linear_attention_binding.cpp
+}
+
 namespace {
 
 TensorView make_view(uintptr_t ptr, int dtype, int device, int device_id, const std::vector<int64_t>& shape,
@@ -580,6 +584,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"),
       py::arg("alibi_slopes").none(true), py::arg("window_left"), py::arg("window_right"), py::arg("causal"),
       py::arg("stream"), py::arg("block_sparse").none(true) = py::none());
+  register_linear_attention(m);
   m.def("build_info", &build_info);
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {

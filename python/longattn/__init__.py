@@ -9,6 +9,7 @@ from . import _C, masks
 from .block_mask import BlockMask, ElementMask
 from .block_sparse import block_sparse_attention
 from .attention import flash_attention, flash_attention_varlen, merge_states
+from .linear_attention import linear_attention, linear_attention_step
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, rope_frequencies
 
@@ -22,6 +23,8 @@ __all__ = [
     "BlockMask",
     "ElementMask",
     "masks",
+    "linear_attention",
+    "linear_attention_step",
     "apply_rope",
     "rope_frequencies",
     "ROPE_TYPES",

@@ -297,3 +297,186 @@ def block_sparse_attention(q, k, v, lists, block_q, block_k, fields, opts):
     causal, wl, wr, sink = fields
     return torch.ops.longattn.block_sparse_attention_forward(q, k, v, *tensors, int(block_q), int(block_k), causal, wl,
                                                              wr, sink, opts["scale"], opts["softcap"])
+
+
+# ---- linear attention ----------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from . import _arrays  # noqa: E402
+# `longattn.linear_attention` is rebound to the function by __init__, so import the
+# module's names rather than the module attribute.
+from .linear_attention import backward_arrays as _linear_backward_arrays  # noqa: E402
+from .linear_attention import forward_arrays as _linear_forward_arrays  # noqa: E402
+from .linear_attention import split_state as _linear_split_state  # noqa: E402
+
+
+@torch.library.custom_op("longattn::linear_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                             initial_state: Optional[torch.Tensor], initial_z: Optional[torch.Tensor],
+                             cu_seqlens: Optional[torch.Tensor], scale: float, feature_map: int, causal: bool,
+                             normalize: bool, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, S, z): out like v (contiguous), final state S (N, H, K, V) and
+    normalizer z (N, H, K) in the compute dtype (z is zeros unless normalize)."""
+    out, S, z = _linear_forward_arrays(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
+                                       causal, normalize, chunk_size)
+    if z is None:
+        z = torch.zeros(S.shape[:3], dtype=S.dtype, device=S.device)
+    return out, S, z
+
+
+def _linear_state_shapes(q, v, cu_seqlens):
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (n, q.shape[2], q.shape[3], v.shape[3]), (n, q.shape[2], q.shape[3]), cd
+
+
+@linear_attention_forward.register_fake
+def _linear_attention_forward_fake(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
+                                   causal, normalize, chunk_size):
+    s_shape, z_shape, cd = _linear_state_shapes(q, v, cu_seqlens)
+    return v.new_empty(v.shape), q.new_empty(s_shape, dtype=cd), q.new_empty(z_shape, dtype=cd)
+
+
+@torch.library.custom_op("longattn::linear_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def linear_attention_backward(dout: torch.Tensor, d_state: Optional[torch.Tensor], d_z: Optional[torch.Tensor],
+                              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                              initial_state: Optional[torch.Tensor], initial_z: Optional[torch.Tensor],
+                              cu_seqlens: Optional[torch.Tensor], scale: float, feature_map: int, causal: bool,
+                              normalize: bool, chunk_size: int
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """Returns (dq, dk, dv, d_initial_state, d_initial_z, d_log_decay_per_token); the last
+    is empty (0,) without log_decay."""
+    dq, dk, dv, dS0, dz0, dg = _linear_backward_arrays(dout, d_state, d_z, q, k, v, log_decay, initial_state,
+                                                       initial_z, cu_seqlens, scale, feature_map, causal, normalize,
+                                                       chunk_size)
+    if dg is None:
+        dg = q.new_empty((0,), dtype=dS0.dtype)
+    return dq, dk, dv, dS0, dz0, dg
+
+
+@linear_attention_backward.register_fake
+def _linear_attention_backward_fake(dout, d_state, d_z, q, k, v, log_decay, initial_state, initial_z, cu_seqlens,
+                                    scale, feature_map, causal, normalize, chunk_size):
+    s_shape, z_shape, cd = _linear_state_shapes(q, v, cu_seqlens)
+    dg_shape = (0,) if log_decay is None else (q.shape[0], q.shape[1], q.shape[2])
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(s_shape, dtype=cd),
+            q.new_empty(z_shape, dtype=cd), q.new_empty(dg_shape, dtype=cd))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    q, k, v, log_decay, S0, z0, cu, scale, fmap, causal, normalize, chunk = inputs
+    ctx.save_for_backward(q, k, v, log_decay, S0, z0, cu)
+    ctx.args = (scale, fmap, causal, normalize, chunk)
+    ctx.decay_per_head = log_decay is not None and log_decay.dim() == 1
+
+
+def _linear_backward(ctx, dout, dS, dz):
+    q, k, v, log_decay, S0, z0, cu = ctx.saved_tensors
+    scale, fmap, causal, normalize, chunk = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(v)
+    elif dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dS = None if dS is None else dS.contiguous()
+    dz = None if (dz is None or not normalize) else dz.contiguous()
+    dq, dk, dv, dS0, dz0, dg = torch.ops.longattn.linear_attention_backward(
+        dout, dS, dz, q, k, v, log_decay, S0, z0, cu, scale, fmap, causal, normalize, chunk)
+    g_grad = None
+    if log_decay is not None:
+        g_grad = dg.sum((0, 1)) if ctx.decay_per_head else dg
+    return (dq, dk, dv, g_grad, None if S0 is None else dS0, None if z0 is None else dz0, None, None, None, None,
+            None, None)
+
+
+torch.library.register_autograd("longattn::linear_attention_forward", _linear_backward,
+                                setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("longattn::linear_attention_step_", mutates_args=("state", "z"), device_types=("cpu", "cuda"))
+def linear_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                           state: torch.Tensor, z: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                           scale: float, feature_map: int, normalize: bool) -> torch.Tensor:
+    """In-place recurrent step: reads and overwrites state (and z); returns out."""
+    out, _, _ = _linear_forward_arrays(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, True, normalize,
+                                       64, state, z, op="linear_attention_step")
+    return out
+
+
+@linear_attention_step_.register_fake
+def _linear_attention_step_fake(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, normalize):
+    return v.new_empty(v.shape)
+
+
+LINEAR_ATTENTION_OPS = [torch.ops.longattn.linear_attention_forward.default,
+                        torch.ops.longattn.linear_attention_backward.default,
+                        torch.ops.longattn.linear_attention_step_.default]
+
+
+def _linear_tensor(x, name: str, op: str, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        if isinstance(x, np.ndarray) or _arrays.framework_of(x) is not None:
+            raise TypeError(f"{op}: {name} is a {type(x).__module__}.{type(x).__name__} but q is a torch tensor; "
+                            f"pass arrays of one framework")
+        raise TypeError(f"{op}: {name} must be a torch tensor, got {type(x).__name__}")
+    if dtype is not None:
+        if not (x.dtype.is_floating_point):
+            raise TypeError(f"{op}: {name} must hold floats, got {x.dtype}")
+        x = x.to(dtype).contiguous()
+    return x
+
+
+def _linear_inputs(q, k, v, opts, log_decay, state, cu_seqlens, op, state_name="initial_state"):
+    for name, x in (("k", k), ("v", v)):
+        _linear_tensor(x, name, op)
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S0, z0 = _linear_split_state(state, opts["normalize"], state_name, op)
+    g = _linear_tensor(log_decay, "log_decay", op, cd)
+    S0 = _linear_tensor(S0, state_name, op, cd)
+    z0 = _linear_tensor(z0, state_name, op, cd)
+    cu = _linear_tensor(cu_seqlens, "cu_seqlens", op)
+    return g, S0, z0, cu
+
+
+def linear_attention(q, k, v, opts, log_decay, initial_state, cu_seqlens, op):
+    g, S0, z0, cu = _linear_inputs(q, k, v, opts, log_decay, initial_state, cu_seqlens, op)
+    out, S, z = torch.ops.longattn.linear_attention_forward(q, k, v, g, S0, z0, cu, opts["scale"], opts["feature_map"],
+                                                           opts["causal"], opts["normalize"], opts["chunk_size"])
+    return out, S, (z if opts["normalize"] else None)
+
+
+def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, op):
+    if not inplace:
+        g, S0, z0, cu = _linear_inputs(q, k, v, opts, log_decay, state, cu_seqlens, op, "state")
+        out, S, z = torch.ops.longattn.linear_attention_forward(q, k, v, g, S0, z0, cu, opts["scale"],
+                                                               opts["feature_map"], True, opts["normalize"], 64)
+        return out, S, (z if opts["normalize"] else None)
+    S_in, z_in = _linear_split_state(state, opts["normalize"], "state", op)
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for x in (S_in, z_in):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: state must be torch tensors like q, got {type(x).__name__}")
+        if x.dtype != cd or not x.is_contiguous():
+            raise ValueError(f"{op}: with inplace=True, state must be a contiguous {cd} tensor, got {x.dtype}"
+                             f"{'' if x.is_contiguous() else ' (not contiguous)'}")
+    tensors = (q, k, v, log_decay, S_in, z_in)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if needs_grad:
+        # Autograd covers functional ops: compute out of place, then copy_ into the state.
+        # The graph keeps a copy of the old state, which the copy_ below then overwrites.
+        old = S_in.clone() if z_in is None else (S_in.clone(), z_in.clone())
+        out, S, z = linear_attention_step(q, k, v, old, opts, log_decay, cu_seqlens, False, op)
+        S_in.copy_(S)
+        if z_in is not None:
+            z_in.copy_(z)
+        return out, S_in, z_in
+    g = _linear_tensor(log_decay, "log_decay", op, cd)
+    cu = _linear_tensor(cu_seqlens, "cu_seqlens", op)
+    out = torch.ops.longattn.linear_attention_step_(q, k, v, g, S_in, z_in, cu, opts["scale"], opts["feature_map"],
+                                                    opts["normalize"])
+    return out, S_in, z_in

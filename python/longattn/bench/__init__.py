@@ -8,7 +8,7 @@ import importlib
 from .harness import Case, Entry, Match, Settings, Workload, compare_outputs, measure, register, registered
 
 # Modules that register the built-in entries, in the order they are run and listed.
-BUILTIN_ENTRIES = ("rope", "attention", "block_sparse")
+BUILTIN_ENTRIES = ("rope", "attention", "block_sparse", "linear_attention")
 
 
 def load_entries() -> dict:
