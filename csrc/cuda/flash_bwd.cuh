@@ -487,6 +487,7 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
 }
 
 // ---- launcher ---------------------------------------------------------------------------------
+#if !defined(LONGATTN_FLASH_EMULATE)
 template <typename T, int Dp>
 cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) {
   const AttentionParams& p = g.fwd;
@@ -532,6 +533,8 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   }
   return cudaSuccess;
 }
+
+#endif  // !LONGATTN_FLASH_EMULATE
 
 }  // namespace flash
 }  // namespace cuda

@@ -85,6 +85,17 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 }
 
 // ---- PTX wrappers -------------------------------------------------------------------------
+// LONGATTN_FLASH_EMULATE compiles the kernels as host C++ for tests/cuda_emulation, with
+// these wrappers (and warp shuffles, barriers, atomics) emulated lane by lane.
+#if defined(LONGATTN_FLASH_EMULATE)
+}  // namespace flash
+}  // namespace cuda
+}  // namespace longattn
+#include "flash_emulate.h"
+namespace longattn {
+namespace cuda {
+namespace flash {
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -129,6 +140,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // LONGATTN_FLASH_EMULATE
 
 // ---- tile loads ---------------------------------------------------------------------------
 // Loads rows [0, ROWS) x columns [0, Dp) of a strided (token, dim) matrix into shared memory

@@ -216,6 +216,7 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   }
 }
 
+#if !defined(LONGATTN_FLASH_EMULATE)
 template <typename T, int Dp>
 cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<Dp>;
@@ -233,6 +234,8 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   kernel<<<grid, Tr::kWarps * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
+
+#endif  // !LONGATTN_FLASH_EMULATE
 
 }  // namespace flash
 }  // namespace cuda
