@@ -117,7 +117,9 @@ struct Run {
 
   int64_t qi(int b, int i, int h, int d, int Dd) const { return ((tq(b) + i) * c.H + h) * Dd + d; }
   int64_t ki(int b, int j, int h, int d, int Dd) const { return ((tk(b) + j) * c.Hkv + h) * Dd + d; }
-  int64_t li(int b, int h, int i) const { return b * p.lse_stride[0] + h * p.lse_stride[1] + (tq(b) + i); }
+  int64_t li(int b, int h, int i) const {  // lse / delta index; dense batches have no token offset
+    return b * p.lse_stride[0] + h * p.lse_stride[1] + ((c.varlen ? tq(b) : 0) + i);
+  }
 
   // float64 reference: out, lse, dq, dk, dv (from the T-rounded inputs).
   void reference(std::vector<double>& ro, std::vector<double>& rl, std::vector<double>& rdq, std::vector<double>& rdk,
@@ -268,13 +270,68 @@ bool run_case(const std::string& name, const Cfg& cfg) {
   const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 4e-3 : 2.5e-2;  // relative to max |ref|
   const bool ok = oerr <= tol * std::max(1.0, omax) && lse_err <= 1e-3 * 10 && dqerr <= tol * std::max(1.0, dqmax) &&
                   dkerr <= tol * std::max(1.0, dkmax) && dverr <= tol * std::max(1.0, dvmax);
-  std::printf("%-4s %-34s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
+  std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
               name.c_str(), oerr, omax, lse_err, dqerr, dqmax, dkerr, dkmax, dverr, dvmax);
   return ok;
 }
 
+template <typename T>
+bool run_dispatch(const std::string& name, const Cfg& c) {
+  const int d = std::max(c.D, c.Dv);
+  if (d <= 32) return run_case<T, 32>(name, c);
+  if (d <= 64) return run_case<T, 64>(name, c);
+  if (d <= 96) return run_case<T, 96>(name, c);
+  if (d <= 128) return run_case<T, 128>(name, c);
+  if (d <= 192) return run_case<T, 192>(name, c);
+  return run_case<T, 256>(name, c);
+}
+
+// Random configurations, bucketed as attention.cu would dispatch them.
+int fuzz(int n, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int fails = 0;
+  for (int it = 0; it < n; ++it) {
+    Cfg c;
+    c.B = pick(1, 2);
+    c.Hkv = pick(1, 2);
+    c.H = c.Hkv * pick(1, 2);
+    const int dims[] = {8, 16, 24, 32, 40, 48, 64, 72, 80, 96, 100, 128, 136, 160, 192, 200, 256};
+    c.D = dims[pick(0, 16)];
+    c.Dv = pick(0, 2) ? c.D : dims[pick(0, 16)];
+    if (pick(0, 4) == 0) c.D = std::max(1, c.D - pick(1, 7));  // odd dims: element-wise loads
+    c.Sq = pick(0, 3) ? pick(1, 150) : pick(0, 3);
+    c.Sk = pick(0, 3) ? pick(1, 150) : pick(0, 3);
+    c.causal = pick(0, 1);
+    c.wl = pick(0, 2) ? -1 : pick(0, 60);
+    c.wr = pick(0, 2) ? -1 : pick(0, 60);
+    c.softcap = pick(0, 2) ? 0.0 : 1.0 + pick(0, 30);
+    c.alibi = pick(0, 2) == 0;
+    c.dlse = pick(0, 2) == 0;
+    c.deterministic = pick(0, 1);
+    c.varlen = pick(0, 2) == 0;
+    if (c.varlen) {
+      c.B = pick(1, 3);
+      for (int b = 0; b < c.B; ++b) {
+        c.lens_q.push_back(pick(0, 100));
+        c.lens_k.push_back(pick(0, 100));
+      }
+    }
+    char name[200];
+    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d", it, c.B, c.H,
+                  c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi), int(c.dlse),
+                  int(c.deterministic), int(c.varlen));
+    fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
+                        : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
+  }
+  std::printf("%d failure(s)\n", fails);
+  return fails ? 1 : 0;
+}
+
 int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  if (only == "fuzz") return fuzz(argc > 2 ? std::atoi(argv[2]) : 50, argc > 3 ? unsigned(std::atoi(argv[3])) : 1u);
   int fails = 0;
   auto run = [&](const std::string& name, auto fn) {
     if (!only.empty() && name.find(only) == std::string::npos) return;
