@@ -7,7 +7,9 @@
 //   * ldmatrix .x4 (.trans): matrix m's row r address comes from lane 8m + r; without
 //     .trans lane l gets (row l/4, cols 2(l%4), +1), with .trans (rows 2(l%4), +1, col l/4).
 //   * cp.async: the copy lands when cp.async.wait_group retires its group (the latest
-//     moment the PTX ISA allows), so a read before the wait sees stale data.
+//     moment the PTX ISA allows), so a read before the wait sees stale data; with
+//     FLASH_EMU_EAGER=1 it lands at issue time (the earliest), so overwriting a tile that
+//     other warps still read shows up too.
 // Only included with LONGATTN_FLASH_EMULATE; never part of the library build.
 #pragma once
 
@@ -104,6 +106,12 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
   if ((reinterpret_cast<uintptr_t>(dst) | (src_bytes ? reinterpret_cast<uintptr_t>(src) : 0)) & 15u) {
     std::fprintf(stderr, "emulate: misaligned cp.async %p <- %p\n", dst, src);
     std::abort();
+  }
+  static const bool eager = std::getenv("FLASH_EMU_EAGER") != nullptr;
+  if (eager) {  // land at issue time instead (the earliest moment): exposes overwrites of live tiles
+    std::memset(dst, 0, 16);
+    if (src_bytes) std::memcpy(dst, src, size_t(src_bytes));
+    return;
   }
   emu::pending.push_back({dst, src, src_bytes});
 }

@@ -267,7 +267,8 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     }
   }
   const double dqerr = max_err(R.dq, rdq, dqmax), dkerr = max_err(R.dk, rdk, dkmax), dverr = max_err(R.dv, rdv, dvmax);
-  const double tol = sizeof(T) == 2 && std::is_same<T, __half>::value ? 4e-3 : 2.5e-2;  // relative to max |ref|
+  // relative to max(1, max |ref|); about 3x the largest error seen over the fixed and random cases
+  const double tol = std::is_same<T, __half>::value ? 2e-3 : 1.2e-2;
   const bool ok = oerr <= tol * std::max(1.0, omax) && lse_err <= 1e-3 * 10 && dqerr <= tol * std::max(1.0, dqmax) &&
                   dkerr <= tol * std::max(1.0, dkmax) && dverr <= tol * std::max(1.0, dvmax);
   std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
