@@ -40,11 +40,13 @@ constexpr int kRowsPerCta = 32;  // pre/post-processing: 4 warps x 8 rows
 template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const AttentionGradParams g) {
   const AttentionParams& p = g.fwd;
-  const int b = blockIdx.z, h = blockIdx.y;
+  int b, rblk;
+  grid_coords(p.seqlen_q, kRowsPerCta, b, rblk);
+  const int h = blockIdx.y;
   const Seq s = seq_of(p, b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < kRowsPerCta; r += 4) {
-    const int i = blockIdx.x * kRowsPerCta + r;
+    const int i = rblk * kRowsPerCta + r;
     if (i >= s.sq) break;
     const int64_t tok = s.tq + i;
     const T* o = static_cast<const T*>(p.out) + b * p.out_stride[0] + tok * p.out_stride[1] + h * p.out_stride[2];
@@ -71,12 +73,14 @@ __global__ void __launch_bounds__(128) flash_bwd_preprocess_kernel(const Attenti
 template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_dq_convert_kernel(const AttentionGradParams g) {
   const AttentionParams& p = g.fwd;
-  const int b = blockIdx.z, h = blockIdx.y;
+  int b, rblk;
+  grid_coords(p.seqlen_q, kRowsPerCta, b, rblk);
+  const int h = blockIdx.y;
   const Seq s = seq_of(p, b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale = float(p.scale);
   for (int r = warp; r < kRowsPerCta; r += 4) {
-    const int i = blockIdx.x * kRowsPerCta + r;
+    const int i = rblk * kRowsPerCta + r;
     if (i >= s.sq) break;
     const int64_t tok = s.tq + i;
     const float* dqa = g.dq_accum + b * g.dq_accum_stride[0] + tok * g.dq_accum_stride[1] + h * g.dq_accum_stride[2];
@@ -139,9 +143,11 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
 
   const AttentionGradParams& g = args.g;
   const AttentionParams& p = g.fwd;
-  const int b = blockIdx.z, hk = blockIdx.y;
+  int b, kblk;
+  grid_coords(p.seqlen_k, N, b, kblk);
+  const int hk = blockIdx.y;
   const Seq s = seq_of(p, b);
-  const int j0 = blockIdx.x * N;
+  const int j0 = kblk * N;
   if (j0 >= s.sk) return;
   const int ncols = min(N, s.sk - j0);
   const int D = int(p.head_dim), Dv = int(p.head_dim_v);
@@ -353,9 +359,11 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
 
   const AttentionGradParams& g = args.g;
   const AttentionParams& p = g.fwd;
-  const int b = blockIdx.z, h = blockIdx.y;
+  int b, qblk;
+  grid_coords(p.seqlen_q, M, b, qblk);
+  const int h = blockIdx.y;
   const Seq s = seq_of(p, b);
-  const int i0 = blockIdx.x * M;
+  const int i0 = qblk * M;
   if (i0 >= s.sq) return;
   const int rows = min(M, s.sq - i0);
   const int hk = int(h / (p.heads / p.heads_kv));
@@ -500,9 +508,11 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   a.vec_v = vec_ok(p.v, p.v_stride);
   a.vec_do = vec_ok(g.dout, g.dout_stride);
   cudaError_t err;
+  if (!grid_fits(p.seqlen_q, kRowsPerCta, p.heads, p.batch) || !grid_fits(p.seqlen_k, BwdTraits<Dp>::kBlockN, p.heads_kv, p.batch))
+    return cudaErrorInvalidConfiguration;
 
   if (p.seqlen_q > 0) {
-    const dim3 grid(unsigned((p.seqlen_q + kRowsPerCta - 1) / kRowsPerCta), unsigned(p.heads), unsigned(p.batch));
+    const dim3 grid = make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch);
     flash_bwd_preprocess_kernel<T><<<grid, 128, 0, stream>>>(g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
@@ -512,7 +522,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
     auto kernel = flash_bwd_kernel<T, Dp>;
     if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
       return err;
-    const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
+    const dim3 grid = make_grid(p.seqlen_k, Tr::kBlockN, p.heads_kv, p.batch);
     kernel<<<grid, Tr::kWarps * 32, smem, stream>>>(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
@@ -523,10 +533,10 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
       auto kernel = flash_bwd_dq_kernel<T, Dp>;
       if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
         return err;
-      const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.heads), unsigned(p.batch));
+      const dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);
       kernel<<<grid, Tr::kWarps * 32, smem, stream>>>(a);
     } else {
-      const dim3 grid(unsigned((p.seqlen_q + kRowsPerCta - 1) / kRowsPerCta), unsigned(p.heads), unsigned(p.batch));
+      const dim3 grid = make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch);
       flash_bwd_dq_convert_kernel<T><<<grid, 128, 0, stream>>>(g);
     }
     if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -264,6 +264,21 @@ struct ScoreMod {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Grids are (row blocks x batch, heads, 1): the batch is folded into x (up to 2^31 - 1
+// CTAs) because a packed varlen batch can hold more sequences than gridDim.z's 65535.
+inline dim3 make_grid(int64_t seqlen, int block, int64_t heads, int64_t batch) {
+  return dim3(unsigned(((seqlen + block - 1) / block) * batch), unsigned(heads), 1u);
+}
+inline bool grid_fits(int64_t seqlen, int block, int64_t heads, int64_t batch) {
+  return ((seqlen + block - 1) / block) * batch <= 0x7fffffff && heads <= 65535;
+}
+// This CTA's (batch, row block) for a grid from make_grid(seqlen, block, ...).
+__device__ __forceinline__ void grid_coords(int64_t seqlen, int block, int& b, int& blk) {
+  const unsigned n = unsigned((seqlen + block - 1) / block);
+  b = int(blockIdx.x / n);
+  blk = int(blockIdx.x % n);
+}
+
 }  // namespace flash
 }  // namespace cuda
 }  // namespace longattn

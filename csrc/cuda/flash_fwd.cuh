@@ -45,9 +45,11 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   T* sV = sK + 2 * N * LD;  // stage s at sV + s * N * LD
 
   const AttentionParams& p = args.p;
-  const int b = blockIdx.z, h = blockIdx.y;
+  int b, qblk;
+  grid_coords(p.seqlen_q, M, b, qblk);
+  const int h = blockIdx.y;
   const Seq s = seq_of(p, b);
-  const int i0 = blockIdx.x * M;
+  const int i0 = qblk * M;
   if (i0 >= s.sq) return;
   const int rows = min(M, s.sq - i0);
   const int hk = int(h / (p.heads / p.heads_kv));
@@ -230,7 +232,8 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_kernel<T, Dp>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.heads), unsigned(p.batch));
+  if (!grid_fits(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)) return cudaErrorInvalidConfiguration;
+  const dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);
   kernel<<<grid, Tr::kWarps * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }

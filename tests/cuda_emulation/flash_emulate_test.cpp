@@ -179,6 +179,8 @@ struct Run {
   }
 };
 
+emu::Dim3 G(dim3 d) { return {d.x, d.y, d.z}; }
+
 template <typename T>
 double max_err(const std::vector<T>& x, const std::vector<double>& r, double& rmax) {
   double e = 0;
@@ -209,8 +211,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_k = vec_ok(R.p.k, R.p.k_stride);
     a.vec_v = vec_ok(R.p.v, R.p.v_stride);
     using Tr = FwdTraits<Dp>;
-    emu::launch({unsigned((R.p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(cfg.H), unsigned(cfg.B)},
-                Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp>(a); });
+    emu::launch(G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B)), Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp>(a); });
   }
   // backward from the reference out / lse (rounded as the forward would store them)
   std::vector<T> o_ref(ro.size());
@@ -253,17 +254,15 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_v = vec_ok(g.fwd.v, g.fwd.v_stride);
     a.vec_do = vec_ok(g.dout, g.dout_stride);
     const AttentionParams& p = g.fwd;
-    const unsigned rq = unsigned((p.seqlen_q + kRowsPerCta - 1) / kRowsPerCta);
-    emu::launch({rq, unsigned(p.heads), unsigned(p.batch)}, 128, [&] { flash_bwd_preprocess_kernel<T>(g); });
+    const emu::Dim3 rq = G(make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch));
+    emu::launch(rq, 128, [&] { flash_bwd_preprocess_kernel<T>(g); });
     using Tb = BwdTraits<Dp>;
-    emu::launch({unsigned((p.seqlen_k + Tb::kBlockN - 1) / Tb::kBlockN), unsigned(p.heads_kv), unsigned(p.batch)},
-                Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp>(a); });
+    emu::launch(G(make_grid(p.seqlen_k, Tb::kBlockN, p.heads_kv, p.batch)), Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp>(a); });
     if (cfg.deterministic) {
       using Tr = FwdTraits<Dp>;
-      emu::launch({unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.heads), unsigned(p.batch)},
-                  Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp>(a); });
+      emu::launch(G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)), Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp>(a); });
     } else {
-      emu::launch({rq, unsigned(p.heads), unsigned(p.batch)}, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); });
+      emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); });
     }
   }
   const double dqerr = max_err(R.dq, rdq, dqmax), dkerr = max_err(R.dk, rdk, dkmax), dverr = max_err(R.dv, rdv, dvmax);
@@ -450,6 +449,18 @@ int main(int argc, char** argv) {
     c.H = 3;
     c.Hkv = 3;
     run("bf16 d64 window long", [&] { return run_case<__nv_bfloat16, 64>("bf16 d64 window long", c); });
+  }
+  {
+    Cfg c = base;
+    c.B = 3;
+    c.H = 4;
+    c.Hkv = 2;
+    c.D = c.Dv = 96;
+    c.Sq = 140;
+    c.Sk = 75;
+    c.causal = true;
+    c.dlse = true;
+    run("f16 d96 batch3 gqa causal dlse", [&] { return run_case<__half, 96>("f16 d96 batch3 gqa causal dlse", c); });
   }
   std::printf("%d failure(s)\n", fails);
   return fails ? 1 : 0;
