@@ -266,10 +266,13 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     }
   }
   const double dqerr = max_err(R.dq, rdq, dqmax), dkerr = max_err(R.dk, rdk, dkmax), dverr = max_err(R.dv, rdv, dvmax);
-  // relative to max(1, max |ref|); about 3x the largest error seen over the fixed and random cases
-  const double tol = std::is_same<T, __half>::value ? 2e-3 : 1.2e-2;
-  const bool ok = oerr <= tol * std::max(1.0, omax) && lse_err <= 1e-3 * 10 && dqerr <= tol * std::max(1.0, dqmax) &&
-                  dkerr <= tol * std::max(1.0, dkmax) && dverr <= tol * std::max(1.0, dvmax);
+  // Relative to max(1, max |ref|): about 3x the largest error seen over the fixed cases and
+  // 150 random ones (out), 2x for gradients (bf16 dq reached 8.3e-3: delta is computed from
+  // the bf16-rounded O, as in FlashAttention-2, and dP - delta cancels when P is near 1).
+  const bool f16 = std::is_same<T, __half>::value;
+  const double otol = f16 ? 1.5e-3 : 1e-2, gtol = f16 ? 2e-3 : 1.6e-2;
+  const bool ok = oerr <= otol * std::max(1.0, omax) && lse_err <= 1e-3 && dqerr <= gtol * std::max(1.0, dqmax) &&
+                  dkerr <= gtol * std::max(1.0, dkmax) && dverr <= gtol * std::max(1.0, dvmax);
   std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
               name.c_str(), oerr, omax, lse_err, dqerr, dqmax, dkerr, dkmax, dverr, dvmax);
   return ok;
