@@ -274,7 +274,7 @@ inline bool grid_fits(int64_t seqlen, int block, int64_t heads, int64_t batch) {
 }
 // This CTA's (batch, row block) for a grid from make_grid(seqlen, block, ...).
 __device__ __forceinline__ void grid_coords(int64_t seqlen, int block, int& b, int& blk) {
-  const unsigned n = unsigned((seqlen + block - 1) / block);
+  const unsigned n = (unsigned(seqlen) + unsigned(block) - 1u) / unsigned(block);  // seqlen < 2^31
   b = int(blockIdx.x / n);
   blk = int(blockIdx.x % n);
 }
