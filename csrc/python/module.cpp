@@ -193,7 +193,19 @@ struct AttentionArgs {
   const TensorView* alibi_slopes;
   int64_t window_left, window_right;
   bool causal;
+  bool deterministic = false;
 };
+
+// What the CUDA kernels support beyond the checks shared with the CPU.
+void check_cuda_attention(const char* op, const AttentionParams& p) {
+  using namespace checks;
+  LONGATTN_CHECK_TYPE(p.dtype == DType::Float16 || p.dtype == DType::BFloat16,
+                      cat(op, ": the CUDA kernels support float16 and bfloat16 only, got ", dtype_name(p.dtype),
+                          "; cast q, k and v, or use CPU tensors"));
+  LONGATTN_CHECK_VALUE(p.head_dim <= 256 && p.head_dim_v <= 256,
+                       cat(op, ": the CUDA kernels support head dims up to 256, got head_dim=", p.head_dim,
+                           ", head_dim_v=", p.head_dim_v));
+}
 
 void check_cu_seqlens(const char* op, const char* name, const TensorView& cu, int64_t batch, int64_t total) {
   using namespace checks;
@@ -415,22 +427,31 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   LONGATTN_CHECK_VALUE(lse != nullptr, checks::cat(op, ": lse is required"));
   BlockSparseSchedule bs;
   if (a.sparse) {
+    if (q.device == DeviceType::CUDA)
+      raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA block-sparse kernel is not implemented yet"));
     LONGATTN_CHECK_VALUE(!a.cu_seqlens_q, checks::cat(op, ": block-sparse attention takes dense batches"));
     block_sparse_schedule(op, *a.sparse, p, bs);
     p.sparse = &bs;
   }
   if (p.batch == 0 || p.heads == 0) return;
   NvtxRange range(op);
+  if (q.device == DeviceType::CUDA) check_cuda_attention(op, p);
   run_on_backend(
       "flash_attention_forward", q, stream, [&] { cpu::attention_forward(p); },
-      [&](void*) -> int {
-        raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA kernel is not implemented yet; use CPU tensors"));
+      [&](void* s) -> int {
+#if defined(LONGATTN_WITH_CUDA)
+        return cuda::attention_forward(p, s);
+#else
+        (void)s;
+        return 0;
+#endif
       });
 }
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                         const TensorView& lse, const TensorView& dout, const TensorView* dlse, const TensorView& dq,
-                        const TensorView& dk, const TensorView& dv, const AttentionArgs& a, uintptr_t stream) {
+                        const TensorView& dk, const TensorView& dv, const TensorView* dq_accum,
+                        const TensorView* delta, const AttentionArgs& a, uintptr_t stream) {
   using namespace checks;
   const char* op = a.sparse         ? "block_sparse_attention backward"
                    : a.cu_seqlens_q ? "flash_attention_varlen backward"
@@ -439,6 +460,8 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   g.fwd = attention_params(op, q, k, v, out, &lse, a);
   BlockSparseSchedule bs;
   if (a.sparse) {
+    if (q.device == DeviceType::CUDA)
+      raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA block-sparse kernel is not implemented yet"));
     block_sparse_schedule(op, *a.sparse, g.fwd, bs);
     g.fwd.sparse = &bs;
   }
@@ -483,10 +506,48 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   strides3(dv, g.dv_stride);
   if (g.fwd.batch == 0 || g.fwd.heads == 0) return;
   NvtxRange range(op);
+  g.deterministic = a.deterministic;
+  if (q.device == DeviceType::CUDA) {
+    check_cuda_attention(op, g.fwd);
+    // float32 workspaces from the caller: dq_accum like q (contiguous), delta like a contiguous lse.
+    LONGATTN_CHECK_VALUE(delta != nullptr && (a.deterministic || dq_accum != nullptr),
+                         cat(op, ": the CUDA backward needs the float32 workspaces delta and dq_accum"));
+    auto workspace = [&](const char* name, const TensorView& t, const TensorView& like) {
+      LONGATTN_CHECK_TYPE(t.dtype == DType::Float32, cat(op, ": ", name, " must be float32"));
+      same_device(op, name, t, "q", q);
+      LONGATTN_CHECK_VALUE(t.ndim == like.ndim, cat(op, ": ", name, " must have shape ", shape_str(like)));
+      int64_t expect = 1;
+      for (int d = t.ndim - 1; d >= 0; --d) {
+        LONGATTN_CHECK_VALUE(t.shape[d] == like.shape[d] && (t.shape[d] <= 1 || t.stride[d] == expect),
+                             cat(op, ": ", name, " must be contiguous with shape ", shape_str(like), ", got ",
+                                 shape_str(t)));
+        expect *= t.shape[d];
+      }
+    };
+    workspace("delta", *delta, lse);
+    g.delta = static_cast<float*>(delta->data);
+    // delta is indexed (batch, head, token) like lse: dense (B, H, Sq), varlen (H, total_q).
+    g.delta_stride[0] = varlen ? 0 : delta->shape[1] * delta->shape[2];
+    g.delta_stride[1] = varlen ? delta->shape[1] : delta->shape[2];
+    g.delta_stride[2] = 1;
+    if (dq_accum) {
+      workspace("dq_accum", *dq_accum, q);
+      g.dq_accum = static_cast<float*>(dq_accum->data);
+      const int64_t hd = q.shape[q.ndim - 2] * q.shape[q.ndim - 1];  // heads * head_dim
+      g.dq_accum_stride[0] = varlen ? 0 : q.shape[1] * hd;
+      g.dq_accum_stride[1] = hd;
+      g.dq_accum_stride[2] = q.shape[q.ndim - 1];
+    }
+  }
   run_on_backend(
       "flash_attention_backward", q, stream, [&] { cpu::attention_backward(g); },
-      [&](void*) -> int {
-        raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA kernel is not implemented yet; use CPU tensors"));
+      [&](void* s) -> int {
+#if defined(LONGATTN_WITH_CUDA)
+        return cuda::attention_backward(g, s);
+#else
+        (void)s;
+        return 0;
+#endif
       });
 }
 
@@ -553,7 +614,7 @@ PYBIND11_MODULE(_C, m) {
   auto args = [](const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale,
                  double softcap, const TensorView* alibi, int64_t wl, int64_t wr, bool causal,
                  const BlockSparseArgs* sparse) {
-    return AttentionArgs{sparse, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal};
+    return AttentionArgs{sparse, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, false};
   };
   m.def(
       "attention_forward",
@@ -575,15 +636,17 @@ PYBIND11_MODULE(_C, m) {
              const TensorView& dout, const TensorView* dlse, const TensorView& dq, const TensorView& dk,
              const TensorView& dv, const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale, double softcap,
              const TensorView* alibi, int64_t wl, int64_t wr, bool causal, uintptr_t stream,
-             const BlockSparseArgs* sparse) {
-        attention_backward(q, k, v, out, lse, dout, dlse, dq, dk, dv,
-                           args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, sparse), stream);
+             const BlockSparseArgs* sparse, const TensorView* dq_accum, const TensorView* delta, bool deterministic) {
+        AttentionArgs a = args(cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, sparse);
+        a.deterministic = deterministic;
+        attention_backward(q, k, v, out, lse, dout, dlse, dq, dk, dv, dq_accum, delta, a, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dlse").none(true), py::arg("dq"),
       py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q").none(true), py::arg("cu_seqlens_k").none(true),
       py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"),
       py::arg("alibi_slopes").none(true), py::arg("window_left"), py::arg("window_right"), py::arg("causal"),
-      py::arg("stream"), py::arg("block_sparse").none(true) = py::none());
+      py::arg("stream"), py::arg("block_sparse").none(true) = py::none(), py::arg("dq_accum").none(true) = nullptr,
+      py::arg("delta").none(true) = nullptr, py::arg("deterministic") = false);
   register_linear_attention(m);
   m.def("build_info", &build_info);
   m.def("num_threads", &num_threads);

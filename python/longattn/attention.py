@@ -56,15 +56,17 @@ def _view(a: Optional[_arrays.Array]):
     return None if a is None else a.view()
 
 
-def _check_cu_seqlens_on_host(cu: _arrays.Array, name: str, total: int, op: str) -> None:
+def _check_cu_seqlens_on_host(cu: _arrays.Array, name: str, total: int, op: str) -> Optional[int]:
     # CPU values are checked by the compiled module; device values are checked here on a
-    # host copy, before any kernel reads them.
+    # host copy, before any kernel reads them. Returns the longest sequence for device
+    # arrays (the CUDA grids are sized by it), None on the CPU.
     if cu.device == _arrays.CPU:
-        return
+        return None
     obj = cu.obj
     host = obj.cpu().numpy() if hasattr(obj, "cpu") else (obj.get() if hasattr(obj, "get") else obj.copy_to_host())
     if host.size == 0 or host[0] != 0 or np.any(np.diff(host) < 0) or host[-1] != total:
         raise ValueError(f"{op}: {name} must start at 0, be non-decreasing and end at {total}, got {host.tolist()}")
+    return int(np.max(np.diff(host))) if host.size > 1 else 0
 
 
 def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap, alibi_slopes,
@@ -83,8 +85,10 @@ def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if varlen:
         if len(qa.shape) != 3 or len(ka.shape) != 3:
             raise ValueError(f"{op}: q and k must be packed (total_tokens, heads, head_dim), got {qa.shape}, {ka.shape}")
-        _check_cu_seqlens_on_host(cu_q, "cu_seqlens_q", qa.shape[0], op)
-        _check_cu_seqlens_on_host(cu_k, "cu_seqlens_k", ka.shape[0], op)
+        mq = _check_cu_seqlens_on_host(cu_q, "cu_seqlens_q", qa.shape[0], op)
+        mk = _check_cu_seqlens_on_host(cu_k, "cu_seqlens_k", ka.shape[0], op)
+        if mq is not None:  # device: the true maxima size the grids (a too small hint would skip rows)
+            max_seqlen_q, max_seqlen_k = mq, mk
         lse_shape = (qa.shape[1], qa.shape[0])
     else:
         if len(qa.shape) != 4 or len(va.shape) != 4:
@@ -102,9 +106,9 @@ def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 def backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                     alibi_slopes, window_left, window_right, causal, stream=None, op="flash_attention backward",
-                    block_sparse=None):
-    """Gradients (dq, dk, dv) on arrays of any framework. Deterministic: every gradient
-    is accumulated in a fixed order on the CPU."""
+                    block_sparse=None, deterministic=False):
+    """Gradients (dq, dk, dv) on arrays of any framework. The CPU backward is always
+    deterministic; on CUDA `deterministic` computes dQ without atomics (slower)."""
     names = ("dout", "q", "k", "v", "out", "lse")
     arrs = [_arrays.wrap(x, n, op) for x, n in zip((dout, q, k, v, out, lse), names)]
     da, qa, ka, va, oa, la = arrs
@@ -113,12 +117,24 @@ def backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     cu_k = None if cu_seqlens_k is None else _arrays.wrap(cu_seqlens_k, "cu_seqlens_k", op)
     alibi = None if alibi_slopes is None else _arrays.wrap(alibi_slopes, "alibi_slopes", op)
     dla = None if dlse is None else _arrays.wrap(dlse, "dlse", op)
+    if cu_q is not None:
+        mq = _check_cu_seqlens_on_host(cu_q, "cu_seqlens_q", qa.shape[0], op)
+        mk = _check_cu_seqlens_on_host(cu_k, "cu_seqlens_k", ka.shape[0], op)
+        if mq is not None:
+            max_seqlen_q, max_seqlen_k = mq, mk
     dq, dk, dv = (_arrays.empty(a, a.shape) for a in (qa, ka, va))
+    # CUDA workspaces (float32): dq_accum like q, delta like lse; the kernels initialize both.
+    dq_accum = delta = None
+    if qa.device == _arrays.CUDA:
+        delta = _arrays.wrap(_arrays.empty(qa, la.shape, "float32"), "delta", op)
+        if not deterministic:
+            dq_accum = _arrays.wrap(_arrays.empty(qa, qa.shape, "float32"), "dq_accum", op)
     _C.attention_backward(qa.view(), ka.view(), va.view(), oa.view(), la.view(), da.view(), _view(dla),
                           _arrays.wrap(dq, "dq", op).view(), _arrays.wrap(dk, "dk", op).view(),
                           _arrays.wrap(dv, "dv", op).view(), _view(cu_q), _view(cu_k), int(max_seqlen_q or 0),
                           int(max_seqlen_k or 0), scale, softcap, _view(alibi), window_left, window_right, causal,
-                          _arrays.stream_of(qa, stream), block_sparse)
+                          _arrays.stream_of(qa, stream), block_sparse, _view(dq_accum), _view(delta),
+                          bool(deterministic))
     return tuple(_arrays.to_caller(qa, x) for x in (dq, dk, dv))
 
 
@@ -143,8 +159,10 @@ def flash_attention(q, k, v, *, causal: bool = False, window: Tuple[int, int] = 
         softcap: > 0 replaces each scaled score s by softcap * tanh(s / softcap).
         alibi_slopes: float32 (heads,) or (batch, heads); adds -slope * |i + Sk - Sq - j|.
         return_lse: also return the log-sum-exp of the scores, float32 (batch, heads, seqlen_q).
-        deterministic: bitwise-reproducible gradients (the CPU backward always is).
-        stream: CUDA stream (the CUDA kernels are not implemented yet).
+        deterministic: bitwise-reproducible gradients (the CPU backward always is; on CUDA
+            dQ is then computed without atomics, at some cost in speed).
+        stream: CUDA stream (default: the framework's current stream). CUDA takes float16
+            and bfloat16 with head dims up to 256 (sm80+).
 
     Returns:
         out (batch, seqlen_q, heads, head_dim_v), or (out, lse) with return_lse. A query row

@@ -144,16 +144,17 @@ from . import attention as _attention  # noqa: E402
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             softcap: float, alibi_slopes: Optional[torch.Tensor], window_left: int, window_right: int,
-                            causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                            causal: bool, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out contiguous like q with v's head dim; lse float32
-    (batch, heads, seqlen_q), or (heads, total_q) for packed input."""
+    (batch, heads, seqlen_q), or (heads, total_q) for packed input. `deterministic` only
+    selects the backward (it is saved for autograd)."""
     return _attention.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                      alibi_slopes, window_left, window_right, causal)
 
 
 @flash_attention_forward.register_fake
 def _flash_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
-                                  alibi_slopes, window_left, window_right, causal):
+                                  alibi_slopes, window_left, window_right, causal, deterministic):
     out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -171,7 +172,8 @@ def flash_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q
                              deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv), contiguous. The CPU backward is always deterministic."""
     return _attention.backward_arrays(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, scale, softcap, alibi_slopes, window_left, window_right, causal)
+                                      max_seqlen_k, scale, softcap, alibi_slopes, window_left, window_right, causal,
+                                      deterministic=deterministic)
 
 
 @flash_attention_backward.register_fake
@@ -182,11 +184,11 @@ def _flash_attention_backward_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, 
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, alibi, wl, wr, causal, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi)
     ctx.args = (max_q, max_k, scale, softcap, wl, wr, causal)
-    ctx.deterministic = getattr(ctx, "deterministic", False)
+    ctx.deterministic = bool(deterministic)
 
 
 def _attention_backward(ctx, dout, dlse):
@@ -199,8 +201,9 @@ def _attention_backward(ctx, dout, dlse):
     if dlse is not None:
         dlse = dlse.contiguous()  # the kernel reads it with lse's (contiguous) strides
     dq, dk, dv = torch.ops.longattn.flash_attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                                             scale, softcap, alibi, wl, wr, causal, True)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                                             scale, softcap, alibi, wl, wr, causal,
+                                                             ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("longattn::flash_attention_forward", _attention_backward,
@@ -215,12 +218,11 @@ def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministi
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"flash_attention: {name} is a {type(x).__module__}.{type(x).__name__} but q is a torch "
                             f"tensor; pass arrays of one framework")
-    # The CPU backward is deterministic by construction, so `deterministic` selects nothing
-    # here yet; it is kept in the backward op's schema for the CUDA kernels.
-    del deterministic
+    # `deterministic` rides along in the forward op so autograd can hand it to the backward
+    # (the CPU backward is deterministic by construction; CUDA then avoids atomics).
     return torch.ops.longattn.flash_attention_forward(q, k, v, cu_q, cu_k, int(max_q or 0), int(max_k or 0),
                                                       opts["scale"], opts["softcap"], alibi, opts["window_left"],
-                                                      opts["window_right"], opts["causal"])
+                                                      opts["window_right"], opts["causal"], bool(deterministic))
 
 
 # ---- block-sparse attention ----------------------------------------------------------

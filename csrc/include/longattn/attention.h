@@ -76,6 +76,20 @@ struct AttentionGradParams {
   void* dk = nullptr;
   void* dv = nullptr;
   int64_t dout_stride[3] = {}, dq_stride[3] = {}, dk_stride[3] = {}, dv_stride[3] = {};
+
+  // CUDA only (the CPU backward ignores these). Workspaces allocated by the caller, float32:
+  //   dq_accum: the shape of q with head_dim columns, contiguous: dense (batch, seqlen_q,
+  //     heads, head_dim), varlen (total_q, heads, head_dim); strides (batch, token, head)
+  //     in dq_accum_stride (batch stride 0 for varlen). Zeroed and reduced by the kernels;
+  //     unused (may be null) when deterministic.
+  //   delta: the shape of a contiguous lse, dense (batch, heads, seqlen_q), varlen (heads,
+  //     total_q); strides (batch, head, token) in delta_stride. Written by the kernels.
+  float* dq_accum = nullptr;
+  float* delta = nullptr;
+  int64_t dq_accum_stride[3] = {}, delta_stride[3] = {};
+  // deterministic: dQ is computed by a separate kernel per query block that loops over key
+  // blocks (no atomics), so every gradient is bitwise reproducible run to run.
+  bool deterministic = false;
 };
 
 // The key range a block of queries [i0, i1) may see, and which key blocks inside it need
@@ -110,5 +124,12 @@ namespace cpu {
 void attention_forward(const AttentionParams& p);
 void attention_backward(const AttentionGradParams& p);
 }  // namespace cpu
+
+namespace cuda {
+// float16 / bfloat16 only, max(head_dim, head_dim_v) <= 256, sm80+. Launch on `stream`
+// (a cudaStream_t), do not synchronize; return the cudaError_t of the launches as int.
+int attention_forward(const AttentionParams& p, void* stream);
+int attention_backward(const AttentionGradParams& g, void* stream);
+}  // namespace cuda
 
 }  // namespace longattn

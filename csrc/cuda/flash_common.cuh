@@ -1,0 +1,284 @@
+// Building blocks shared by the flash attention kernels (flash_fwd.cuh, flash_bwd.cuh):
+// tile traits, cp.async / ldmatrix / mma.sync wrappers, tile loads with zero fill, and the
+// score modification (scale, softcap, ALiBi, mask) of attention.h.
+//
+// Fragment layouts used throughout (PTX ISA 8.x, section 9.7.14.5.8 "Matrix Fragments for
+// mma.m16n8k16 with floating point type", .f16/.bf16 inputs, .f32 accumulators). With
+// lane = threadIdx.x % 32, g = lane / 4 ("groupID") and t = lane % 4 ("threadID_in_group"):
+//   A (16x16, row major), 4 x .b32, each holding 2 consecutive-column elements:
+//     a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//     a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   B (16x8, K x N), 2 x .b32:  b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   C/D (16x8, f32), 4 floats:  c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// ldmatrix (PTX ISA 9.7.14.5.15, "ldmatrix"): .x4 loads four 8x8 b16 matrices; lanes
+// 8m..8m+7 give the 16-byte row addresses of matrix m (rows 0..7 in order). Without .trans,
+// lane receives in register m the pair (row g, columns 2t, 2t+1) of matrix m; with .trans
+// it receives (rows 2t, 2t+1, column g), i.e. the same pair of the transposed matrix.
+// So for a row-major smem tile X[r][c]:
+//   * A operand (rows = M, cols = K), non-trans, matrices (r0-7,c0-7) (r8-15,c0-7)
+//     (r0-7,c8-15) (r8-15,c8-15): lane address X[r + (lane%8) + 8*((lane/8)%2)][c + 8*(lane/16)].
+//   * B operand when X is stored N x K (rows = n, e.g. K rows for S = Q K^T), non-trans,
+//     matrices (n0-7,k0-7) (n0-7,k8-15) (n8-15,k0-7) (n8-15,k8-15): lane address
+//     X[n + (lane%8) + 8*(lane/16)][k + 8*((lane/8)%2)]; regs {0,1} = B frag of n-tile n,
+//     regs {2,3} = B frag of n-tile n+8.
+//   * B operand when X is stored K x N (rows = k, e.g. V rows for O = P V), .trans,
+//     matrices (k0-7,n0-7) (k8-15,n0-7) (k0-7,n8-15) (k8-15,n8-15): lane address
+//     X[k + (lane%8) + 8*((lane/8)%2)][n + 8*(lane/16)]; regs {0,1} = n-tile n, {2,3} = n+8.
+//   * A operand when X is stored K x M (the transpose of A, e.g. dS^T for dQ = dS K), .trans,
+//     matrices (k0-7,m0-7) (k0-7,m8-15) (k8-15,m0-7) (k8-15,m8-15): lane address
+//     X[k + (lane%8) + 8*(lane/16)][m + 8*((lane/8)%2)].
+// Accumulators reused as A operands (P of O = P V): the C tiles of n-tiles 2s and 2s+1 of
+// a 16-row strip are exactly the A fragment of k-step s after packing pairs to 16 bits:
+//   a[0] = pack(C_{2s}[0,1]), a[1] = pack(C_{2s}[2,3]), a[2] = pack(C_{2s+1}[0,1]), a[3] = pack(C_{2s+1}[2,3]).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "longattn/attention.h"
+
+namespace longattn {
+namespace cuda {
+namespace flash {
+
+// ---- tile traits ------------------------------------------------------------------------
+// Head dims are bucketed to Dp in {32, 64, 96, 128, 192, 256}; D and Dv are zero-filled up
+// to Dp on load and masked on store (one bucket for max(D, Dv)). Each forward warp owns 16
+// query rows, so kBlockM = 16 * kWarps. Shared memory rows are padded by 8 elements (16 B):
+// with a row pitch of 2 * (Dp + 8) bytes the eight 16-byte rows of an ldmatrix matrix fall
+// in distinct bank quads for every Dp here, so ldmatrix and cp.async are conflict free.
+template <int Dp> struct FwdTraits;
+template <> struct FwdTraits<32> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct FwdTraits<64> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct FwdTraits<96> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct FwdTraits<128> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct FwdTraits<192> { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4; };
+template <> struct FwdTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4; };
+
+// Backward main kernel (one CTA per key block): kBlockN keys in 16-key strips, kWarps / (kBlockN
+// / 16) warps share a strip, splitting the query columns of S^T and the head dim of dK / dV.
+template <int Dp> struct BwdTraits { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 8; };
+
+constexpr int kPad = 8;  // elements of row padding in shared memory
+
+// ---- element types ------------------------------------------------------------------------
+template <typename T> struct Pair;
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats rounded to T and packed (lo in the low 16 bits = the lower column index).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  typename Pair<T>::type v;
+  v.x = from_f<T>(lo);
+  v.y = from_f<T>(hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---- PTX wrappers -------------------------------------------------------------------------
+// LONGATTN_FLASH_EMULATE compiles the kernels as host C++ for tests/cuda_emulation, with
+// these wrappers (and warp shuffles, barriers, atomics) emulated lane by lane.
+#if defined(LONGATTN_FLASH_EMULATE)
+}  // namespace flash
+}  // namespace cuda
+}  // namespace longattn
+#include "flash_emulate.h"
+namespace longattn {
+namespace cuda {
+namespace flash {
+#else
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared (PTX 9.7.9.25.3 cp.async); bytes past
+// src_bytes (0 or 16 here) are zero filled, and nothing is read when src_bytes is 0.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a * b, m16n8k16, fp32 accumulation (PTX 9.7.14.5.14 mma).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#endif  // LONGATTN_FLASH_EMULATE
+
+// ---- tile loads ---------------------------------------------------------------------------
+// Loads rows [0, ROWS) x columns [0, Dp) of a strided (token, dim) matrix into shared memory
+// (pitch Dp + kPad): rows >= nrows and columns >= ncols become 0. With `vec` (base pointer
+// 16-byte aligned and row stride a multiple of 8 elements) whole 8-column chunks go through
+// cp.async; chunks that straddle ncols, or everything when !vec, are loaded element-wise
+// with ordinary loads and stores (visible after the next __syncthreads).
+template <typename T, int ROWS, int Dp, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int nrows, int ncols, bool vec) {
+  constexpr int LD = Dp + kPad;
+  constexpr int CHUNKS = Dp / 8;
+  for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
+    const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+    T* dst = smem + r * LD + col;
+    const T* src = g + r * row_stride + col;
+    if (r < nrows && col + 8 <= ncols && vec) {
+      cp_async16(dst, src, 16);
+    } else if (r >= nrows || col >= ncols) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    } else {
+      alignas(16) T tmp[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) tmp[e] = col + e < ncols ? src[e] : from_f<T>(0.f);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool vec_ok(const void* p, const int64_t (&stride)[3]) {
+  return aligned16(p) && stride[0] % 8 == 0 && stride[1] % 8 == 0 && stride[2] % 8 == 0;
+}
+
+// ---- sequences and scores -----------------------------------------------------------------
+struct Seq {
+  int sq, sk;      // lengths
+  int64_t tq, tk;  // token offsets (varlen)
+};
+__device__ __forceinline__ Seq seq_of(const AttentionParams& p, int b) {
+  Seq s;
+  if (p.cu_seqlens_q) {
+    s.tq = p.cu_seqlens_q[b];
+    s.tk = p.cu_seqlens_k[b];
+    s.sq = int(p.cu_seqlens_q[b + 1] - s.tq);
+    s.sk = int(p.cu_seqlens_k[b + 1] - s.tk);
+  } else {
+    s.tq = s.tk = 0;
+    s.sq = int(p.seqlen_q);
+    s.sk = int(p.seqlen_k);
+  }
+  return s;
+}
+
+// key_range() of attention.h, on the device (same arithmetic, int64).
+__device__ __forceinline__ KeyRange key_range_dev(int64_t i0, int64_t i1, int64_t sq, int64_t sk, int64_t left,
+                                                  int64_t right) {
+  const int64_t off = sk - sq;
+  auto clamp = [&](int64_t x) { return x < 0 ? int64_t(0) : (x > sk ? sk : x); };
+  auto lo = [&](int64_t i) { return left < 0 ? int64_t(0) : i + off - left; };
+  auto hi = [&](int64_t i) { return right < 0 ? sk : i + off + right + 1; };
+  KeyRange r;
+  r.begin = clamp(lo(i0));
+  r.end = clamp(hi(i1 - 1));
+  r.full_begin = clamp(lo(i1 - 1));
+  r.full_end = clamp(hi(i0));
+  if (r.end < r.begin) r.end = r.begin;
+  if (r.full_end < r.full_begin) r.full_end = r.full_begin;
+  return r;
+}
+
+// Score modification for one (sequence, head): s = scale * acc, softcap, ALiBi, mask.
+// Row i sees keys [lo(i), hi(i)) (already clamped to [0, sk]), which equals key_visible()
+// for every key j in [0, sk) and excludes keys >= sk.
+struct ScoreMod {
+  float scale, cap, inv_cap, slope;
+  bool softcap, alibi;
+  int64_t off, left, right;
+  int sk;
+
+  __device__ __forceinline__ void init(const AttentionParams& p, const Seq& s, int b, int h) {
+    scale = float(p.scale);
+    softcap = p.softcap > 0.0;
+    cap = float(p.softcap);
+    inv_cap = softcap ? float(1.0 / p.softcap) : 0.f;
+    alibi = p.alibi_slopes != nullptr;
+    slope = alibi ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    off = int64_t(s.sk) - s.sq;
+    left = p.window_left;
+    right = p.window_right;
+    sk = s.sk;
+  }
+  __device__ __forceinline__ int lo(int64_t i) const {
+    if (left < 0) return 0;
+    const int64_t x = i + off - left;
+    return x < 0 ? 0 : (x > sk ? sk : int(x));
+  }
+  __device__ __forceinline__ int hi(int64_t i) const {
+    if (right < 0) return sk;
+    const int64_t x = i + off + right + 1;
+    return x < 0 ? 0 : (x > sk ? sk : int(x));
+  }
+  // Final score of raw dot product `acc` for query i, key j; `t` receives tanh(s / cap)
+  // (0 when softcap is off). `lo_i`, `hi_i` = lo(i), hi(i); used only when `masked`.
+  __device__ __forceinline__ float apply(float acc, int64_t i, int j, bool masked, int lo_i, int hi_i,
+                                         float& t) const {
+    float s = acc * scale;
+    t = 0.f;
+    if (softcap) {
+      t = tanhf(s * inv_cap);
+      s = cap * t;
+    }
+    if (alibi) {
+      int64_t d = i + off - j;
+      s -= slope * float(d < 0 ? -d : d);
+    }
+    if (masked && (j < lo_i || j >= hi_i)) s = -INFINITY;
+    return s;
+  }
+};
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Grids are (row blocks x batch, heads, 1): the batch is folded into x (up to 2^31 - 1
+// CTAs) because a packed varlen batch can hold more sequences than gridDim.z's 65535.
+inline dim3 make_grid(int64_t seqlen, int block, int64_t heads, int64_t batch) {
+  return dim3(unsigned(((seqlen + block - 1) / block) * batch), unsigned(heads), 1u);
+}
+inline bool grid_fits(int64_t seqlen, int block, int64_t heads, int64_t batch) {
+  return ((seqlen + block - 1) / block) * batch <= 0x7fffffff && heads <= 65535;
+}
+// This CTA's (batch, row block) for a grid from make_grid(seqlen, block, ...).
+__device__ __forceinline__ void grid_coords(int64_t seqlen, int block, int& b, int& blk) {
+  const unsigned n = (unsigned(seqlen) + unsigned(block) - 1u) / unsigned(block);  // seqlen < 2^31
+  b = int(blockIdx.x / n);
+  blk = int(blockIdx.x % n);
+}
+
+}  // namespace flash
+}  // namespace cuda
+}  // namespace longattn

@@ -1,0 +1,470 @@
+// Runs the CUDA flash attention kernels on the host through flash_emulate.h (every CUDA
+// thread a std::thread, warp primitives emulated per the PTX ISA) and compares them with a
+// float64 reference of attention.h's semantics. For checking kernel indexing on machines
+// without a GPU; the real tests are tests/test_flash_attention_cuda.py. Build and run:
+//   tests/cuda_emulation/run.sh
+#define LONGATTN_FLASH_EMULATE 1
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "flash_bwd.cuh"
+#include "flash_fwd.cuh"
+
+using namespace longattn;
+using namespace longattn::cuda::flash;
+
+struct Cfg {
+  int B = 1, H = 2, Hkv = 1, Sq = 40, Sk = 70, D = 64, Dv = 64;
+  bool causal = false, varlen = false, alibi = false, dlse = false, deterministic = false;
+  int wl = -1, wr = -1;
+  double softcap = 0;
+  std::vector<int> lens_q, lens_k;  // varlen
+};
+
+template <typename T>
+struct Run {
+  Cfg c;
+  int64_t Tq, Tk;  // total tokens (dense: B * S)
+  std::vector<T> q, k, v, o, dout, dq, dk, dv;
+  std::vector<float> lse, dlse, delta, dqa, slopes;
+  std::vector<int32_t> cuq, cuk;
+  AttentionParams p;
+
+  int sq(int b) const { return c.varlen ? cuq[b + 1] - cuq[b] : c.Sq; }
+  int sk(int b) const { return c.varlen ? cuk[b + 1] - cuk[b] : c.Sk; }
+  int64_t tq(int b) const { return c.varlen ? cuq[b] : int64_t(b) * c.Sq; }
+  int64_t tk(int b) const { return c.varlen ? cuk[b] : int64_t(b) * c.Sk; }
+
+  explicit Run(const Cfg& cfg) : c(cfg) {
+    std::mt19937 rng(1234);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    if (c.varlen) {
+      cuq = {0};
+      cuk = {0};
+      for (int b = 0; b < c.B; ++b) {
+        cuq.push_back(cuq.back() + c.lens_q[b]);
+        cuk.push_back(cuk.back() + c.lens_k[b]);
+      }
+      Tq = cuq.back();
+      Tk = cuk.back();
+    } else {
+      Tq = int64_t(c.B) * c.Sq;
+      Tk = int64_t(c.B) * c.Sk;
+    }
+    auto fill = [&](std::vector<T>& x, size_t n, float scale) {
+      x.resize(n);
+      for (auto& e : x) e = T(nd(rng) * scale);
+    };
+    fill(q, Tq * c.H * c.D, 1.f);
+    fill(k, Tk * c.Hkv * c.D, 1.f);
+    fill(v, Tk * c.Hkv * c.Dv, 1.f);
+    fill(dout, Tq * c.H * c.Dv, 1.f);
+    o.assign(Tq * c.H * c.Dv, T(7.f));  // garbage: every output element must be written
+    dq.assign(Tq * c.H * c.D, T(7.f));
+    dk.assign(Tk * c.Hkv * c.D, T(7.f));
+    dv.assign(Tk * c.Hkv * c.Dv, T(7.f));
+    lse.assign(Tq * c.H, 7.f);
+    dlse.resize(Tq * c.H);
+    for (auto& e : dlse) e = nd(rng) * 0.5f;
+    delta.assign(Tq * c.H, 0.f);
+    dqa.assign(Tq * c.H * c.D, 123.f);  // garbage: the kernels must zero it
+    slopes.resize(c.H);
+    for (int h = 0; h < c.H; ++h) slopes[h] = 0.5f / float(h + 1);
+
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.out = o.data();
+    p.lse = lse.data();
+    p.batch = c.B;
+    p.heads = c.H;
+    p.heads_kv = c.Hkv;
+    p.head_dim = c.D;
+    p.head_dim_v = c.Dv;
+    auto st = [&](int64_t* s, int64_t S, int64_t Hh, int64_t Dd) {
+      s[0] = c.varlen ? 0 : S * Hh * Dd;
+      s[1] = Hh * Dd;
+      s[2] = Dd;
+    };
+    st(p.q_stride, c.Sq, c.H, c.D);
+    st(p.k_stride, c.Sk, c.Hkv, c.D);
+    st(p.v_stride, c.Sk, c.Hkv, c.Dv);
+    st(p.out_stride, c.Sq, c.H, c.Dv);
+    // lse (B, H, Sq) dense, (H, total) varlen
+    p.lse_stride[0] = c.varlen ? 0 : int64_t(c.H) * c.Sq;
+    p.lse_stride[1] = c.varlen ? Tq : c.Sq;
+    p.lse_stride[2] = 1;
+    if (c.varlen) {
+      p.cu_seqlens_q = cuq.data();
+      p.cu_seqlens_k = cuk.data();
+      p.seqlen_q = p.seqlen_k = 0;
+      for (int b = 0; b < c.B; ++b) {
+        p.seqlen_q = std::max<int64_t>(p.seqlen_q, sq(b));
+        p.seqlen_k = std::max<int64_t>(p.seqlen_k, sk(b));
+      }
+    } else {
+      p.seqlen_q = c.Sq;
+      p.seqlen_k = c.Sk;
+    }
+    p.scale = 1.0 / std::sqrt(double(c.D));
+    p.softcap = c.softcap;
+    p.alibi_slopes = c.alibi ? slopes.data() : nullptr;
+    p.window_left = c.wl;
+    p.window_right = c.causal ? 0 : c.wr;
+  }
+
+  int64_t qi(int b, int i, int h, int d, int Dd) const { return ((tq(b) + i) * c.H + h) * Dd + d; }
+  int64_t ki(int b, int j, int h, int d, int Dd) const { return ((tk(b) + j) * c.Hkv + h) * Dd + d; }
+  int64_t li(int b, int h, int i) const {  // lse / delta index; dense batches have no token offset
+    return b * p.lse_stride[0] + h * p.lse_stride[1] + ((c.varlen ? tq(b) : 0) + i);
+  }
+
+  // float64 reference: out, lse, dq, dk, dv (from the T-rounded inputs).
+  void reference(std::vector<double>& ro, std::vector<double>& rl, std::vector<double>& rdq, std::vector<double>& rdk,
+                 std::vector<double>& rdv) const {
+    ro.assign(o.size(), 0);
+    rl.assign(lse.size(), 0);
+    rdq.assign(dq.size(), 0);
+    rdk.assign(dk.size(), 0);
+    rdv.assign(dv.size(), 0);
+    for (int b = 0; b < c.B; ++b)
+      for (int h = 0; h < c.H; ++h) {
+        const int hk = h / (c.H / c.Hkv), SQ = sq(b), SK = sk(b);
+        for (int i = 0; i < SQ; ++i) {
+          std::vector<double> s(SK, -INFINITY), th(SK, 0), P(SK, 0);
+          double mx = -INFINITY;
+          for (int j = 0; j < SK; ++j) {
+            if (!key_visible(i, j, SQ, SK, p.window_left, p.window_right)) continue;
+            double acc = 0;
+            for (int d = 0; d < c.D; ++d) acc += double(float(q[qi(b, i, h, d, c.D)])) * double(float(k[ki(b, j, hk, d, c.D)]));
+            acc *= p.scale;
+            if (c.softcap > 0) {
+              th[j] = std::tanh(acc / c.softcap);
+              acc = c.softcap * th[j];
+            }
+            if (c.alibi) acc -= slopes[h] * std::abs(double(i + SK - SQ - j));
+            s[j] = acc;
+            mx = std::max(mx, acc);
+          }
+          double l = 0;
+          for (int j = 0; j < SK; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - mx);
+          const double L = l > 0 ? mx + std::log(l) : -INFINITY;
+          rl[li(b, h, i)] = L;
+          for (int j = 0; j < SK; ++j) P[j] = l > 0 && s[j] != -INFINITY ? std::exp(s[j] - L) : 0;
+          std::vector<double> orow(c.Dv, 0);
+          for (int j = 0; j < SK; ++j)
+            for (int d = 0; d < c.Dv; ++d) orow[d] += P[j] * double(float(v[ki(b, j, hk, d, c.Dv)]));
+          double dlt = 0;
+          for (int d = 0; d < c.Dv; ++d) {
+            ro[qi(b, i, h, d, c.Dv)] = orow[d];
+            dlt += orow[d] * double(float(dout[qi(b, i, h, d, c.Dv)]));
+          }
+          if (c.dlse && l > 0) dlt -= dlse[li(b, h, i)];
+          for (int j = 0; j < SK; ++j) {
+            if (P[j] == 0) continue;
+            double dp = 0;
+            for (int d = 0; d < c.Dv; ++d) dp += double(float(dout[qi(b, i, h, d, c.Dv)])) * double(float(v[ki(b, j, hk, d, c.Dv)]));
+            double ds = P[j] * (dp - dlt);
+            if (c.softcap > 0) ds *= 1 - th[j] * th[j];
+            for (int d = 0; d < c.D; ++d) {
+              rdq[qi(b, i, h, d, c.D)] += p.scale * ds * double(float(k[ki(b, j, hk, d, c.D)]));
+              rdk[ki(b, j, hk, d, c.D)] += p.scale * ds * double(float(q[qi(b, i, h, d, c.D)]));
+            }
+            for (int d = 0; d < c.Dv; ++d) rdv[ki(b, j, hk, d, c.Dv)] += P[j] * double(float(dout[qi(b, i, h, d, c.Dv)]));
+          }
+        }
+      }
+  }
+};
+
+emu::Dim3 G(dim3 d) { return {d.x, d.y, d.z}; }
+
+template <typename T>
+double max_err(const std::vector<T>& x, const std::vector<double>& r, double& rmax) {
+  double e = 0;
+  rmax = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    const double xv = double(float(x[i]));
+    e = std::max(e, std::isnan(xv) ? INFINITY : std::abs(xv - r[i]));
+    rmax = std::max(rmax, std::abs(r[i]));
+  }
+  return e;
+}
+
+template <typename T, int Dp>
+bool run_case(const std::string& name, const Cfg& cfg) {
+  if (std::max(cfg.D, cfg.Dv) > Dp) {
+    std::printf("FAIL %s: head dims exceed the bucket %d\n", name.c_str(), Dp);
+    return false;
+  }
+  Run<T> R(cfg);
+  std::vector<double> ro, rl, rdq, rdk, rdv;
+  R.reference(ro, rl, rdq, rdk, rdv);
+
+  // forward
+  {
+    FwdArgs a;
+    a.p = R.p;
+    a.vec_q = vec_ok(R.p.q, R.p.q_stride);
+    a.vec_k = vec_ok(R.p.k, R.p.k_stride);
+    a.vec_v = vec_ok(R.p.v, R.p.v_stride);
+    using Tr = FwdTraits<Dp>;
+    emu::launch(G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B)), Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp>(a); });
+  }
+  // backward from the reference out / lse (rounded as the forward would store them)
+  std::vector<T> o_ref(ro.size());
+  for (size_t i = 0; i < ro.size(); ++i) o_ref[i] = T(float(ro[i]));
+  std::vector<float> lse_ref(rl.size());
+  for (size_t i = 0; i < rl.size(); ++i) lse_ref[i] = float(rl[i]);
+  double lse_err = 0;
+  for (size_t i = 0; i < rl.size(); ++i) {
+    const double d = (std::isinf(rl[i]) && rl[i] == R.lse[i]) ? 0 : std::abs(R.lse[i] - rl[i]);
+    lse_err = std::max(lse_err, std::isnan(d) ? INFINITY : d);
+    if (d > 1e-2 && std::getenv("FLASH_EMU_VERBOSE")) std::printf("  lse[%zu] = %g, reference %g\n", i, R.lse[i], rl[i]);
+  }
+  double omax, dqmax, dkmax, dvmax;
+  const double oerr = max_err(R.o, ro, omax);
+  {
+    AttentionGradParams g;
+    g.fwd = R.p;
+    g.fwd.out = o_ref.data();
+    g.fwd.lse = lse_ref.data();
+    g.dout = R.dout.data();
+    g.dlse = cfg.dlse ? R.dlse.data() : nullptr;
+    g.dq = R.dq.data();
+    g.dk = R.dk.data();
+    g.dv = R.dv.data();
+    for (int i = 0; i < 3; ++i) {
+      g.dout_stride[i] = R.p.out_stride[i];
+      g.dq_stride[i] = R.p.q_stride[i];
+      g.dk_stride[i] = R.p.k_stride[i];
+      g.dv_stride[i] = R.p.v_stride[i];
+      g.dq_accum_stride[i] = R.p.q_stride[i];
+      g.delta_stride[i] = R.p.lse_stride[i];
+    }
+    g.dq_accum = R.dqa.data();
+    g.delta = R.delta.data();
+    g.deterministic = cfg.deterministic;
+    BwdArgs a;
+    a.g = g;
+    a.vec_q = vec_ok(g.fwd.q, g.fwd.q_stride);
+    a.vec_k = vec_ok(g.fwd.k, g.fwd.k_stride);
+    a.vec_v = vec_ok(g.fwd.v, g.fwd.v_stride);
+    a.vec_do = vec_ok(g.dout, g.dout_stride);
+    const AttentionParams& p = g.fwd;
+    const emu::Dim3 rq = G(make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch));
+    emu::launch(rq, 128, [&] { flash_bwd_preprocess_kernel<T>(g); });
+    using Tb = BwdTraits<Dp>;
+    emu::launch(G(make_grid(p.seqlen_k, Tb::kBlockN, p.heads_kv, p.batch)), Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp>(a); });
+    if (cfg.deterministic) {
+      using Tr = FwdTraits<Dp>;
+      emu::launch(G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)), Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp>(a); });
+    } else {
+      emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); });
+    }
+  }
+  const double dqerr = max_err(R.dq, rdq, dqmax), dkerr = max_err(R.dk, rdk, dkmax), dverr = max_err(R.dv, rdv, dvmax);
+  // Relative to max(1, max |ref|): about 3x the largest error seen over the fixed cases and
+  // 150 random ones (out), 2x for gradients (bf16 dq reached 8.3e-3: delta is computed from
+  // the bf16-rounded O, as in FlashAttention-2, and dP - delta cancels when P is near 1).
+  const bool f16 = std::is_same<T, __half>::value;
+  const double otol = f16 ? 1.5e-3 : 1e-2, gtol = f16 ? 2e-3 : 1.6e-2;
+  const bool ok = oerr <= otol * std::max(1.0, omax) && lse_err <= 1e-3 && dqerr <= gtol * std::max(1.0, dqmax) &&
+                  dkerr <= gtol * std::max(1.0, dkmax) && dverr <= gtol * std::max(1.0, dvmax);
+  std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
+              name.c_str(), oerr, omax, lse_err, dqerr, dqmax, dkerr, dkmax, dverr, dvmax);
+  return ok;
+}
+
+template <typename T>
+bool run_dispatch(const std::string& name, const Cfg& c) {
+  const int d = std::max(c.D, c.Dv);
+  if (d <= 32) return run_case<T, 32>(name, c);
+  if (d <= 64) return run_case<T, 64>(name, c);
+  if (d <= 96) return run_case<T, 96>(name, c);
+  if (d <= 128) return run_case<T, 128>(name, c);
+  if (d <= 192) return run_case<T, 192>(name, c);
+  return run_case<T, 256>(name, c);
+}
+
+// Random configurations, bucketed as attention.cu would dispatch them.
+int fuzz(int n, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int fails = 0;
+  for (int it = 0; it < n; ++it) {
+    Cfg c;
+    c.B = pick(1, 2);
+    c.Hkv = pick(1, 2);
+    c.H = c.Hkv * pick(1, 2);
+    const int dims[] = {8, 16, 24, 32, 40, 48, 64, 72, 80, 96, 100, 128, 136, 160, 192, 200, 256};
+    c.D = dims[pick(0, 16)];
+    c.Dv = pick(0, 2) ? c.D : dims[pick(0, 16)];
+    if (pick(0, 4) == 0) c.D = std::max(1, c.D - pick(1, 7));  // odd dims: element-wise loads
+    c.Sq = pick(0, 3) ? pick(1, 150) : pick(0, 3);
+    c.Sk = pick(0, 3) ? pick(1, 150) : pick(0, 3);
+    c.causal = pick(0, 1);
+    c.wl = pick(0, 2) ? -1 : pick(0, 60);
+    c.wr = pick(0, 2) ? -1 : pick(0, 60);
+    c.softcap = pick(0, 2) ? 0.0 : 1.0 + pick(0, 30);
+    c.alibi = pick(0, 2) == 0;
+    c.dlse = pick(0, 2) == 0;
+    c.deterministic = pick(0, 1);
+    c.varlen = pick(0, 2) == 0;
+    if (c.varlen) {
+      c.B = pick(1, 3);
+      for (int b = 0; b < c.B; ++b) {
+        c.lens_q.push_back(pick(0, 100));
+        c.lens_k.push_back(pick(0, 100));
+      }
+    }
+    char name[200];
+    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d", it, c.B, c.H,
+                  c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi), int(c.dlse),
+                  int(c.deterministic), int(c.varlen));
+    fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
+                        : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
+  }
+  std::printf("%d failure(s)\n", fails);
+  return fails ? 1 : 0;
+}
+
+int main(int argc, char** argv) {
+  const std::string only = argc > 1 ? argv[1] : "";
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  if (only == "fuzz") return fuzz(argc > 2 ? std::atoi(argv[2]) : 50, argc > 3 ? unsigned(std::atoi(argv[3])) : 1u);
+  int fails = 0;
+  auto run = [&](const std::string& name, auto fn) {
+    if (!only.empty() && name.find(only) == std::string::npos) return;
+    fails += !fn();
+  };
+  Cfg base;
+  run("f16 d64 dense", [&] { return run_case<__half, 64>("f16 d64 dense", base); });
+  {
+    Cfg c = base;
+    c.causal = true;
+    c.Sq = 70;
+    c.Sk = 40;  // some rows see nothing
+    run("f16 d64 causal sq>sk", [&] { return run_case<__half, 64>("f16 d64 causal sq>sk", c); });
+  }
+  {
+    Cfg c = base;
+    c.wl = 9;
+    c.wr = 3;
+    c.softcap = 5;
+    c.alibi = true;
+    c.dlse = true;
+    run("f16 d64 window softcap alibi dlse", [&] { return run_case<__half, 64>("f16 d64 window softcap alibi dlse", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = 80;
+    c.Dv = 72;
+    c.H = 4;
+    c.Hkv = 2;
+    c.causal = true;
+    c.deterministic = true;
+    run("bf16 d80/72 gqa causal det", [&] { return run_case<__nv_bfloat16, 96>("bf16 d80/72 gqa causal det", c); });
+  }
+  {
+    Cfg c = base;
+    c.varlen = true;
+    c.B = 3;
+    c.lens_q = {5, 0, 33};
+    c.lens_k = {17, 9, 70};
+    c.causal = true;
+    c.D = c.Dv = 32;
+    run("f16 d32 varlen causal", [&] { return run_case<__half, 32>("f16 d32 varlen causal", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = c.Dv = 33;  // odd: scalar loads
+    c.Sq = 20;
+    c.Sk = 130;
+    run("f16 d33 odd", [&] { return run_case<__half, 64>("f16 d33 odd", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = 256;
+    c.Dv = 200;
+    c.Sq = 70;
+    c.Sk = 45;
+    c.wl = 20;
+    c.deterministic = true;
+    run("f16 d256 window det", [&] { return run_case<__half, 256>("f16 d256 window det", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = c.Dv = 128;
+    c.Sq = 130;
+    c.Sk = 130;
+    c.causal = true;
+    run("bf16 d128 causal", [&] { return run_case<__nv_bfloat16, 128>("bf16 d128 causal", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = c.Dv = 192;
+    c.Sq = 64;
+    c.Sk = 64;
+    c.softcap = 2;
+    run("f16 d192 softcap", [&] { return run_case<__half, 192>("f16 d192 softcap", c); });
+  }
+  {
+    Cfg c = base;
+    c.varlen = true;
+    c.B = 2;
+    c.lens_q = {40, 40};
+    c.lens_k = {70, 70};
+    run("f16 d64 varlen equal", [&] { return run_case<__half, 64>("f16 d64 varlen equal", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = c.Dv = 32;
+    c.varlen = true;
+    c.B = 3;
+    c.lens_q = {5, 0, 33};
+    c.lens_k = {17, 9, 70};
+    c.wl = 4;
+    c.alibi = true;
+    c.deterministic = true;
+    run("bf16 d32 varlen window alibi det", [&] { return run_case<__nv_bfloat16, 32>("bf16 d32 varlen window alibi det", c); });
+  }
+  {
+    Cfg c = base;
+    c.Sq = 1;
+    c.Sk = 1;
+    run("f16 d64 single token", [&] { return run_case<__half, 64>("f16 d64 single token", c); });
+    c.Sq = 3;
+    c.Sk = 0;  // no keys: out 0, lse -inf, dq 0
+    run("f16 d64 no keys", [&] { return run_case<__half, 64>("f16 d64 no keys", c); });
+    c.Sq = 0;
+    c.Sk = 5;  // no queries: dk = dv = 0
+    run("f16 d64 no queries", [&] { return run_case<__half, 64>("f16 d64 no queries", c); });
+  }
+  {
+    Cfg c = base;
+    c.Sq = 200;
+    c.Sk = 150;
+    c.wl = 30;
+    c.wr = 50;
+    c.H = 3;
+    c.Hkv = 3;
+    run("bf16 d64 window long", [&] { return run_case<__nv_bfloat16, 64>("bf16 d64 window long", c); });
+  }
+  {
+    Cfg c = base;
+    c.B = 3;
+    c.H = 4;
+    c.Hkv = 2;
+    c.D = c.Dv = 96;
+    c.Sq = 140;
+    c.Sk = 75;
+    c.causal = true;
+    c.dlse = true;
+    run("f16 d96 batch3 gqa causal dlse", [&] { return run_case<__half, 96>("f16 d96 batch3 gqa causal dlse", c); });
+  }
+  std::printf("%d failure(s)\n", fails);
+  return fails ? 1 : 0;
+}
