@@ -319,8 +319,8 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   std::vector<C> dk_acc(skp * dp, C(0)), dv_acc(skp * dvp, C(0));
   std::vector<C> qs(kBlockQ * dp), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
   Visits visits;
-  std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), Pt(kBlockK * kBlockQ),
-      dSt(kBlockK * kBlockQ), orow(dvp), lse(kBlockQ), delta(kBlockQ), vrows(kBlockK * dvp);
+  std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), orow(dvp), lse(kBlockQ),
+      delta(kBlockQ), vrows(kBlockK * dvp);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
   // Every key block of this kv head, packed once for all query heads and blocks: K rows
@@ -391,9 +391,8 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           }
           exp_shifted_sum(row, kBlockK, lse[r]);
         }
-        // dV += P^T dO
-        transpose<C>(S.data(), kBlockQ, kBlockK, kBlockK, Pt.data(), kBlockQ);
-        gemm_acc<C>(kBlockK, dvp, kBlockQ, Pt.data(), kBlockQ, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
+        // dV += P^T dO (P read transposed in place)
+        gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
         gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
         for (int64_t r = 0; r < kBlockQ; ++r)
@@ -407,8 +406,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           }
         // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
         gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
-        transpose<C>(dP.data(), kBlockQ, kBlockK, kBlockK, dSt.data(), kBlockQ);
-        gemm_acc<C>(kBlockK, dp, kBlockQ, dSt.data(), kBlockQ, qs.data(), dp, dk_acc.data() + j0 * dp, dp);
+        gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc.data() + j0 * dp, dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         C* row = dq_acc.data() + r * dp;

@@ -57,7 +57,9 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Cm[M x N] (+)= A[M x K] * B[K x N], all row-major packed buffers (Accumulate: add to Cm;
 // otherwise overwrite it). M must be a multiple of kGemmRows and N of gemm_col_align<C>()
 // (callers pad with zeros), so the tile loops need no edge handling.
-template <typename C, bool Accumulate = true>
+// TransA: A is stored transposed, K x M row-major (lda = its row length), so C += A^T B
+// needs no transposed copy.
+template <typename C, bool Accumulate = true, bool TransA = false>
 inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
                      int64_t ldc) {
   using V = typename Vec<C>::type;
@@ -70,7 +72,7 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int c = 0; c < NC; ++c) acc[r][c] = Accumulate ? vload(Cm + (m0 + r) * ldc + n0 + c * W) : V{};
-      const C* a = A + m0 * lda;
+      const C* a = TransA ? A + m0 : A + m0 * lda;
       const C* b = B + n0;
       for (int64_t k = 0; k < K; ++k) {
         V bv[NC];
@@ -78,7 +80,7 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
         for (int c = 0; c < NC; ++c) bv[c] = vload(b + k * ldb + c * W);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          const C av = a[r * lda + k];
+          const C av = TransA ? a[k * lda + r] : a[r * lda + k];
 #pragma GCC unroll 4
           for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
         }
@@ -89,6 +91,13 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
         for (int c = 0; c < NC; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * W, acc[r][c]);
     }
   }
+}
+
+// Cm += A^T * B with A stored K x M (see gemm_acc).
+template <typename C>
+inline void gemm_tn_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
+                        int64_t ldc) {
+  gemm_acc<C, true, true>(M, N, K, A, lda, B, ldb, Cm, ldc);
 }
 
 // Cm = A * B (see gemm_acc).
