@@ -20,20 +20,12 @@ LONGATTN_DECLARE_ISA(avx512)
 #undef LONGATTN_DECLARE_ISA
 
 void attention_forward(const AttentionParams& p) {
-  auto fn = baseline::attention_forward;
-#if defined(LONGATTN_HAVE_AVX2)
-  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::attention_forward;
-  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::attention_forward;
-#endif
+  auto fn = LONGATTN_ISA_FN(attention_forward);
   fn(p);  // packs K/V, then runs query blocks on the thread pool
 }
 
 void attention_backward(const AttentionGradParams& g) {
-  auto fn = baseline::attention_backward_items;
-#if defined(LONGATTN_HAVE_AVX2)
-  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::attention_backward_items;
-  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::attention_backward_items;
-#endif
+  auto fn = LONGATTN_ISA_FN(attention_backward_items);
   parallel_for(g.fwd.batch * g.fwd.heads_kv, 1, [&](int64_t i0, int64_t i1) { fn(g, i0, i1); });
 }
 

@@ -32,20 +32,12 @@ int64_t grain(const LinearAttentionParams& p) {
 }  // namespace
 
 void linear_attention_forward(const LinearAttentionParams& p) {
-  auto fn = baseline::linear_attention_forward_items;
-#if defined(LONGATTN_HAVE_AVX2)
-  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::linear_attention_forward_items;
-  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::linear_attention_forward_items;
-#endif
+  auto fn = LONGATTN_ISA_FN(linear_attention_forward_items);
   parallel_for(p.batch * p.heads, grain(p), [&](int64_t i0, int64_t i1) { fn(p, i0, i1); });
 }
 
 void linear_attention_backward(const LinearAttentionGradParams& g) {
-  auto fn = baseline::linear_attention_backward_items;
-#if defined(LONGATTN_HAVE_AVX2)
-  if (cpu_isa() == CpuIsa::AVX512) fn = avx512::linear_attention_backward_items;
-  if (cpu_isa() == CpuIsa::AVX2) fn = avx2::linear_attention_backward_items;
-#endif
+  auto fn = LONGATTN_ISA_FN(linear_attention_backward_items);
   parallel_for(g.fwd.batch * g.fwd.heads, grain(g.fwd), [&](int64_t i0, int64_t i1) { fn(g, i0, i1); });
 }
 

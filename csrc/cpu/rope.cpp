@@ -12,22 +12,12 @@ namespace baseline { void rope_tokens(const RopeParams& p, int64_t t0, int64_t t
 #if defined(LONGATTN_HAVE_AVX2)
 namespace avx2 { void rope_tokens(const RopeParams& p, int64_t t0, int64_t t1); }
 #endif
-#if defined(LONGATTN_HAVE_AVX512)
+#if defined(LONGATTN_HAVE_AVX2)
 namespace avx512 { void rope_tokens(const RopeParams& p, int64_t t0, int64_t t1); }
 #endif
 
 void rope(const RopeParams& p) {
-  using Fn = void (*)(const RopeParams&, int64_t, int64_t);
-  Fn fn = baseline::rope_tokens;
-  switch (cpu_isa()) {
-#if defined(LONGATTN_HAVE_AVX512)
-    case CpuIsa::AVX512: fn = avx512::rope_tokens; break;
-#endif
-#if defined(LONGATTN_HAVE_AVX2)
-    case CpuIsa::AVX2: fn = avx2::rope_tokens; break;
-#endif
-    default: break;
-  }
+  auto fn = LONGATTN_ISA_FN(rope_tokens);
   const int64_t tokens = p.batch * p.seqlen;
   const int64_t row_elems = std::max<int64_t>(1, (p.hq + (p.k ? p.hk : 0)) * p.head_dim);
   // About 32K elements per chunk keeps thread start-up small against the work.

@@ -55,6 +55,24 @@ inline void no_broadcast(const char* op, const char* name, const TensorView& t) 
 }
 
 inline void same_dtype(const char* op, const char* name, const TensorView& t, const char* ref_name,
+                       const TensorView& ref);
+inline void same_device(const char* op, const char* name, const TensorView& t, const char* ref_name,
+                        const TensorView& ref);
+inline void last_dim_contiguous(const char* op, const char* name, const TensorView& t);
+
+// A gradient argument: the shape of `ref`, q's dtype and device, contiguous last dim.
+inline void grad_like(const char* op, const char* name, const TensorView& t, const TensorView& ref,
+                      const char* ref_name, const TensorView& q) {
+  LONGATTN_CHECK_VALUE(t.ndim == ref.ndim, cat(op, ": ", name, " must have the shape of ", ref_name));
+  for (int d = 0; d < t.ndim; ++d)
+    LONGATTN_CHECK_VALUE(t.shape[d] == ref.shape[d],
+                         cat(op, ": ", name, " has shape ", shape_str(t), ", expected ", shape_str(ref)));
+  same_dtype(op, name, t, "q", q);
+  same_device(op, name, t, "q", q);
+  last_dim_contiguous(op, name, t);
+}
+
+inline void same_dtype(const char* op, const char* name, const TensorView& t, const char* ref_name,
                        const TensorView& ref) {
   LONGATTN_CHECK_TYPE(t.dtype == ref.dtype, cat(op, ": ", name, " must have the dtype of ", ref_name, " (",
                                                 dtype_name(ref.dtype), "), got ", dtype_name(t.dtype)));

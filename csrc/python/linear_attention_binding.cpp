@@ -229,19 +229,10 @@ void backward(const TensorView& q, const TensorView& k, const TensorView& v, con
   g.fwd = make_params(op, q, k, v, nullptr, a);
   const LinearAttentionParams& p = g.fwd;
   const int64_t N = p.batch, H = p.heads, K = p.head_dim, V = p.head_dim_v;
-  auto grad_like = [&](const char* name, const TensorView& t, const TensorView& ref, const char* ref_name) {
-    LONGATTN_CHECK_VALUE(t.ndim == 4, cat(op, ": ", name, " must have the shape of ", ref_name));
-    for (int d = 0; d < 4; ++d)
-      LONGATTN_CHECK_VALUE(t.shape[d] == ref.shape[d],
-                           cat(op, ": ", name, " has shape ", shape_str(t), ", expected ", shape_str(ref)));
-    same_dtype(op, name, t, "q", q);
-    same_device(op, name, t, "q", q);
-    last_dim_contiguous(op, name, t);
-  };
-  grad_like("dout", dout, v, "v");
-  grad_like("dq", dq, q, "q");
-  grad_like("dk", dk, k, "k");
-  grad_like("dv", dv, v, "v");
+  grad_like(op, "dout", dout, v, "v", q);
+  grad_like(op, "dq", dq, q, "q", q);
+  grad_like(op, "dk", dk, k, "k", q);
+  grad_like(op, "dv", dv, v, "v", q);
   no_broadcast(op, "dq", dq);
   no_broadcast(op, "dk", dk);
   no_broadcast(op, "dv", dv);
