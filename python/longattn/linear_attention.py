@@ -215,7 +215,7 @@ def linear_attention(q, k, v, *, causal: bool = True, scale: Optional[float] = N
     Returns:
         out (batch, seqlen, heads, head_dim_v) in q's dtype; with return_state, (out, state).
 
-    With torch tensors the op is a torch.library custom op (torch.ops.longattn.
+    With torch tensors the op is a PyTorch custom op (torch.ops.longattn.
     linear_attention_forward) with a fake implementation, so torch.compile(fullgraph=True)
     traces it, and differentiable in q, k, v, initial_state and log_decay (a per-head
     log_decay's gradient is summed over batch and time).

@@ -118,7 +118,7 @@ def apply_rope(q, k=None, positions=None, *, inv_freq, attention_factor: float =
     c = cos(a) * attention_factor, s = sin(a) * attention_factor (computed in float32):
     y_i = x_i c - x_j s, y_j = x_j c + x_i s for each rotated pair (i, j). With torch
     tensors the op is differentiable (the backward is the conjugate rotation), is a
-    torch.library custom op (torch.compile traces it without graph breaks), and
+    PyTorch custom op (torch.compile traces it without graph breaks), and
     inplace=True works under autograd on non-leaf tensors.
 
     Example:
