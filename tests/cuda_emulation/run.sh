@@ -4,7 +4,8 @@
 set -e
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cuda_inc=""
-for d in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
+nvcc_root=$(command -v nvcc >/dev/null 2>&1 && cd "$(dirname "$(command -v nvcc)")/.." && pwd)
+for d in "${CUDA_HOME:-}" "$nvcc_root" /usr/local/cuda /usr/local/cuda-*; do
   if [ -n "$d" ] && [ -f "$d/include/cuda_bf16.h" ]; then cuda_inc=$d/include; break; fi
 done
 [ -n "$cuda_inc" ] || { echo "CUDA headers not found; set CUDA_HOME" >&2; exit 1; }
