@@ -13,6 +13,10 @@
 #                          tools/gpu_sanitize_cases.py (torch's caching allocator off)
 #   bench.tar.gz           `python -m longattn bench --device cuda` JSON, Markdown, PNG
 #   flash.ncu-rep, flash_ncu.txt   Nsight Compute --set full of the flash forward/backward
+# Peers missing on the machine (flash-linear-attention: fla-core and its pure-Python deps)
+# travel as wheels in .whl/ (git-ignored), fetched beforehand where pip can reach an index:
+#   pip download --no-deps --only-binary=:all: -d .whl fla-core==0.6.0
+# and are installed into /tmp/site at the start of every run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +43,10 @@ run_stage() {  # name, command...
   fi
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 say "gpu_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
 nvcc --version 2>&1 | tail -2 | tee -a "$LOG"
