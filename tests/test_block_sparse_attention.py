@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import longattn
-from longattn import masks
+from longattn import block_sparse, masks
 from reference.attention import (assert_close_by_rule, assert_lse_matches, attention_reference,
                                  naive_attention_low_precision)
 
@@ -126,10 +126,9 @@ def test_numpy_in_numpy_out():
 def test_opcheck_and_compile_fullgraph():
     q, k, v = (torch.randn(1, 70, 2, 16, requires_grad=True) for _ in range(3))
     bm = masks.streaming(70, 70, sink_tokens=2, window=20, block_size=16)
-    lists = [torch.from_numpy(np.array(x)) for x in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
-                                                     bm.full_kv_indices)]
+    lists = [torch.from_numpy(np.array(x)) for x in block_sparse.schedule_lists(bm)]
     torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
-                          (q, k, v, *lists, 16, 16, True, 19, 0, 2, 0.25, 0.0))
+                          (q, k, v, *lists, 16, 16, True, 19, 0, 2, 0.25, 0.0, False))
     f = torch.compile(lambda a, b, c: longattn.block_sparse_attention(a, b, c, bm), fullgraph=True,
                       backend="aot_eager")
     out = f(q, k, v)
@@ -149,8 +148,31 @@ def test_mismatched_lengths_and_bad_masks_are_rejected_naming_the_argument():
         longattn.block_sparse_attention(q, k, v, bm)
 
 
-@pytest.mark.cuda
-def test_cuda_block_sparse_attention_is_not_implemented_yet():
-    q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with pytest.raises(NotImplementedError):
-        longattn.block_sparse_attention(q, k, v, masks.causal(64, 64, block_size=64))
+def test_cuda_block_size_rule_does_not_apply_on_the_cpu():
+    # CUDA takes block sizes 64 and 128 only; the CPU keeps every power of two 16..256.
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 90, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    for block in [(16, 16), (32, 256), (256, 32)]:
+        bm = masks.sliding_window(90, 90, 30, block_size=block)
+        out = longattn.block_sparse_attention(q, k, v, bm)
+        ref, _ = attention_reference(q.numpy(), k.numpy(), v.numpy(), extra_mask=bm.to_dense_elements())
+        assert_close_by_rule(out, ref, None, what="out")
+
+
+def test_torch_cpu_and_numpy_masks_both_serve_cpu_inputs():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 80, 2, 16, generator=g) for _ in range(3))
+    bm = masks.causal(80, 80, block_size=32)
+    torch.testing.assert_close(longattn.block_sparse_attention(q, k, v, bm.to("cpu")),
+                               longattn.block_sparse_attention(q, k, v, bm))
+
+
+def test_deterministic_flag_is_checked_and_cpu_gradients_are_reproducible():
+    q, k, v = (torch.randn(1, 70, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bm = masks.streaming(70, 70, sink_tokens=2, window=20, block_size=16)
+    with pytest.raises(TypeError, match="deterministic"):
+        longattn.block_sparse_attention(q, k, v, bm, deterministic=1)
+    grads = [torch.autograd.grad(longattn.block_sparse_attention(q, k, v, bm, deterministic=d).sum(), (q, k, v))
+             for d in (False, True)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

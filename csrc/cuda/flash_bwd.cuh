@@ -21,6 +21,13 @@
 //     result is bitwise reproducible (at the cost of computing S and dP twice).
 // Rows of a query block past seqlen_q and rows with lse = -inf (no visible key) use
 // lse = +inf in the kernels, so their P (and dS) is exactly 0.
+//
+// Sparse = true (block-sparse attention) replaces the implicit schedules with the
+// BlockSparseSchedule's lists (flash_common.cuh): the main kernel walks the query blocks
+// listed for its key block (query-side lists; the state full / partial is uniform per
+// CTA and query tile), the deterministic dQ kernel the forward's SparseKeyWalk. Partial
+// tiles apply the BlockMask's element mask. The sparse variants have not yet run on a
+// GPU; they are checked on the host through tests/cuda_emulation.
 #pragma once
 
 #include "flash_common.cuh"
@@ -31,6 +38,7 @@ namespace flash {
 
 struct BwdArgs {
   AttentionGradParams g;
+  BlockSparseSchedule sparse;  // read by the Sparse variants only (a copy of *g.fwd.sparse)
   bool vec_q, vec_k, vec_v, vec_do;
 };
 
@@ -114,7 +122,7 @@ constexpr int bwd_smem_bytes() {
          + 2 * Tr::kBlockM * 4;                                  // lse, delta
 }
 
-template <typename T, int Dp>
+template <typename T, int Dp, bool Sparse>
 __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(const BwdArgs args) {
   using Tr = BwdTraits<Dp>;
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN, W = Tr::kWarps, THREADS = W * 32;
@@ -184,11 +192,25 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
     mod.init(p, s, b, h);
     const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + s.tq * p.q_stride[1] + h * p.q_stride[2];
     const T* doh = static_cast<const T*>(g.dout) + b * g.dout_stride[0] + s.tq * g.dout_stride[1] + h * g.dout_stride[2];
-    for (int qb = qb_begin; qb < qb_end; ++qb) {
-      const int i0 = qb * M, rows = min(M, s.sq - i0);
-      const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-      if (j0 >= kr.end || j0 + ncols <= kr.begin) continue;  // uniform over the CTA
-      const bool masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+    // Query tiles in visiting order: dense [qb_begin, qb_end) minus those outside the
+    // window, sparse from the walk over this key block's query-side lists.
+    SparseQueryWalk<M> walk;
+    if constexpr (Sparse) walk.init(args.sparse, b, h, j0 / int(args.sparse.block_k), s.sq);
+    for (int qb = qb_begin;; ++qb) {
+      int i0;
+      bool masked;
+      if constexpr (Sparse) {
+        if (!walk.next()) break;
+        i0 = walk.i0();
+        masked = walk.mode == kPartial;
+      } else {
+        if (qb >= qb_end) break;
+        i0 = qb * M;
+        const KeyRange kr = key_range_dev(i0, min(i0 + M, s.sq), s.sq, s.sk, p.window_left, p.window_right);
+        if (j0 >= kr.end || j0 + ncols <= kr.begin) continue;  // uniform over the CTA
+        masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+      }
+      const int rows = min(M, s.sq - i0);
 
       load_tile<T, M, Dp, THREADS>(sQ, qh + int64_t(i0) * p.q_stride[1], p.q_stride[1], rows, D, args.vec_q);
       load_tile<T, M, Dp, THREADS>(sdO, doh + int64_t(i0) * g.dout_stride[1], g.dout_stride[1], rows, Dv,
@@ -240,6 +262,13 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
         const int64_t i = int64_t(i0) + ql;
         const int lo0 = masked ? mod.lo(i) : 0, hi0 = masked ? mod.hi(i) : 0;
         const int lo1 = masked ? mod.lo(i + 1) : 0, hi1 = masked ? mod.hi(i + 1) : 0;
+        SparseRowMask rm0, rm1;
+        if constexpr (Sparse) {
+          if (masked) {
+            rm0.init(args.sparse, i, s.sq, s.sk);
+            rm1.init(args.sparse, i + 1, s.sq, s.sk);
+          }
+        }
         const float L0 = sLse[ql], L1 = sLse[ql + 1], d0 = sDelta[ql], d1 = sDelta[ql + 1];
         float pv[4], dsv[4];
 #pragma unroll
@@ -247,7 +276,13 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
           const int j = j0 + (e < 2 ? jl_lo : jl_hi);
           const bool c1 = e & 1;
           float tt;
-          const float sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, masked, c1 ? lo1 : lo0, c1 ? hi1 : hi0, tt);
+          float sc;
+          if constexpr (Sparse) {
+            sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, false, 0, 0, tt);
+            if (masked && !(c1 ? rm1 : rm0).visible(j)) sc = -INFINITY;
+          } else {
+            sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, masked, c1 ? lo1 : lo0, c1 ? hi1 : hi0, tt);
+          }
           const float pr = exp2f(fmaf(sc, kLog2e, -(c1 ? L1 : L0)));
           float dsc = pr * (pacc[n][e] - (c1 ? d1 : d0));
           if (mod.softcap) dsc *= 1.f - tt * tt;
@@ -345,7 +380,7 @@ constexpr int bwd_dq_smem_bytes() {
   return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Dp + kPad) * 2;  // Q, dO, 2 stages of K and V
 }
 
-template <typename T, int Dp>
+template <typename T, int Dp, bool Sparse>
 __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
   using Tr = FwdTraits<Dp>;
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN, THREADS = Tr::kWarps * 32, LD = Dp + kPad;
@@ -377,14 +412,26 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
 
   const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
   const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
-  auto load_kv = [&](int kb, int stage) {
-    const int j0 = kb * N, n = min(N, s.sk - j0);
+  auto load_kv = [&](int j0, int stage) {
+    const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
     load_tile<T, N, Dp, THREADS>(sV + stage * N * LD, v + j0 * p.v_stride[1], p.v_stride[1], n, Dv, args.vec_v);
   };
+  // The key tiles in visiting order, as the forward.
+  SparseKeyWalk<N> walk;
+  bool more;
+  int next_j0;
+  if constexpr (Sparse) {
+    walk.init(args.sparse, b, h, i0, M, s.sq, s.sk);
+    more = walk.next();
+    next_j0 = more ? walk.j0() : 0;
+  } else {
+    more = kb_begin < kb_end;
+    next_j0 = kb_begin * N;
+  }
   load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
   load_tile<T, M, Dp, THREADS>(sdO, dO, g.dout_stride[1], rows, Dv, args.vec_do);
-  if (kb_begin < kb_end) load_kv(kb_begin, 0);
+  if (more) load_kv(next_j0, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, t = lane % 4;
@@ -394,6 +441,12 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
   ScoreMod mod;
   mod.init(p, s, b, h);
   const int lo_lo = mod.lo(i_lo), hi_lo = mod.hi(i_lo), lo_hi = mod.lo(i_hi), hi_hi = mod.hi(i_hi);
+  const int wq = Sparse ? (i0 + r0) / int(args.sparse.block_q) - i0 / int(args.sparse.block_q) : 0;
+  SparseRowMask rm_lo, rm_hi;
+  if constexpr (Sparse) {
+    rm_lo.init(args.sparse, i_lo, s.sq, s.sk);
+    rm_hi.init(args.sparse, i_hi, s.sq, s.sk);
+  }
   auto row_stats = [&](int r, float& L, float& dl) {
     L = INFINITY;
     dl = 0.f;
@@ -412,73 +465,92 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
 #pragma unroll
   for (int d = 0; d < DT; ++d) dq[d][0] = dq[d][1] = dq[d][2] = dq[d][3] = 0.f;
 
-  for (int kb = kb_begin; kb < kb_end; ++kb) {
-    const int stage = (kb - kb_begin) & 1;
-    if (kb + 1 < kb_end) load_kv(kb + 1, stage ^ 1);
+  for (int it = 0; more; ++it) {
+    const int stage = it & 1;
+    const int j0 = next_j0;
+    bool masked;
+    int mode = kFull;
+    if constexpr (Sparse) {
+      mode = wq ? walk.mode[1] : walk.mode[0];
+      masked = mode == kPartial;
+      more = walk.next();
+      next_j0 = more ? walk.j0() : 0;
+    } else {
+      masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+      next_j0 = j0 + N;
+      more = next_j0 < kb_end * N;
+    }
+    if (more) load_kv(next_j0, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     const T* cK = sK + stage * N * LD;
     const T* cV = sV + stage * N * LD;
-    const int j0 = kb * N;
-    const bool masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+    if (!Sparse || mode != kSkip) {  // warp-uniform: a skipped tile adds nothing to dQ
 
-    // S = Q K^T and dP = dO V^T (both B operands: rows = keys, non-trans).
-    float sacc[NT][4], pacc[NT][4];
+      // S = Q K^T and dP = dO V^T (both B operands: rows = keys, non-trans).
+      float sacc[NT][4], pacc[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sacc[n][e] = pacc[n][e] = 0.f;
+        for (int e = 0; e < 4; ++e) sacc[n][e] = pacc[n][e] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < Dp / 16; ++kk) {
-      uint32_t aq[4], ao[4];
-      const int arow = r0 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
-      ldmatrix_x4(aq, sQ + arow * LD + acol);
-      ldmatrix_x4(ao, sdO + arow * LD + acol);
+      for (int kk = 0; kk < Dp / 16; ++kk) {
+        uint32_t aq[4], ao[4];
+        const int arow = r0 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
+        ldmatrix_x4(aq, sQ + arow * LD + acol);
+        ldmatrix_x4(ao, sdO + arow * LD + acol);
 #pragma unroll
-      for (int n = 0; n < NT; n += 2) {
-        const int brow = n * 8 + (lane % 8) + 8 * (lane / 16), bcol = kk * 16 + 8 * ((lane / 8) % 2);
-        uint32_t bk[4], bv[4];
-        ldmatrix_x4(bk, cK + brow * LD + bcol);
-        ldmatrix_x4(bv, cV + brow * LD + bcol);
-        mma16816<T>(sacc[n], aq, bk[0], bk[1]);
-        mma16816<T>(sacc[n + 1], aq, bk[2], bk[3]);
-        mma16816<T>(pacc[n], ao, bv[0], bv[1]);
-        mma16816<T>(pacc[n + 1], ao, bv[2], bv[3]);
+        for (int n = 0; n < NT; n += 2) {
+          const int brow = n * 8 + (lane % 8) + 8 * (lane / 16), bcol = kk * 16 + 8 * ((lane / 8) % 2);
+          uint32_t bk[4], bv[4];
+          ldmatrix_x4(bk, cK + brow * LD + bcol);
+          ldmatrix_x4(bv, cV + brow * LD + bcol);
+          mma16816<T>(sacc[n], aq, bk[0], bk[1]);
+          mma16816<T>(sacc[n + 1], aq, bk[2], bk[3]);
+          mma16816<T>(pacc[n], ao, bv[0], bv[1]);
+          mma16816<T>(pacc[n + 1], ao, bv[2], bv[3]);
+        }
       }
-    }
-    // dS = P * (dP - delta) * (1 - tanh^2), in place of sacc.
+      // dS = P * (dP - delta) * (1 - tanh^2), in place of sacc.
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int j = j0 + n * 8 + 2 * t;
+      for (int n = 0; n < NT; ++n) {
+        const int j = j0 + n * 8 + 2 * t;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool hi = e >= 2;
-        float tt;
-        const float sc = mod.apply(sacc[n][e], hi ? i_hi : i_lo, j + (e & 1), masked, hi ? lo_hi : lo_lo,
-                                   hi ? hi_hi : hi_lo, tt);
-        const float pr = exp2f(fmaf(sc, kLog2e, -(hi ? L_hi : L_lo)));
-        float dsc = pr * (pacc[n][e] - (hi ? d_hi : d_lo));
-        if (mod.softcap) dsc *= 1.f - tt * tt;
-        sacc[n][e] = dsc;
+        for (int e = 0; e < 4; ++e) {
+          const bool hi = e >= 2;
+          float tt;
+          float sc;
+          if constexpr (Sparse) {
+            sc = mod.apply(sacc[n][e], hi ? i_hi : i_lo, j + (e & 1), false, 0, 0, tt);
+            if (masked && !(hi ? rm_hi : rm_lo).visible(j + (e & 1))) sc = -INFINITY;
+          } else {
+            sc = mod.apply(sacc[n][e], hi ? i_hi : i_lo, j + (e & 1), masked, hi ? lo_hi : lo_lo, hi ? hi_hi : hi_lo,
+                           tt);
+          }
+          const float pr = exp2f(fmaf(sc, kLog2e, -(hi ? L_hi : L_lo)));
+          float dsc = pr * (pacc[n][e] - (hi ? d_hi : d_lo));
+          if (mod.softcap) dsc *= 1.f - tt * tt;
+          sacc[n][e] = dsc;
+        }
       }
-    }
-    // dQ += dS K: A = dS from the accumulators, B = K rows (k = keys) via ldmatrix.trans.
+      // dQ += dS K: A = dS from the accumulators, B = K rows (k = keys) via ldmatrix.trans.
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]);
-      a[1] = pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]);
-      a[2] = pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-      a[3] = pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]);
+        a[1] = pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]);
+        a[2] = pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
+        a[3] = pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
 #pragma unroll
-      for (int d = 0; d < DT; d += 2) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, cK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
-        mma16816<T>(dq[d], a, bk[0], bk[1]);
-        mma16816<T>(dq[d + 1], a, bk[2], bk[3]);
+        for (int d = 0; d < DT; d += 2) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, cK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
+          mma16816<T>(dq[d], a, bk[0], bk[1]);
+          mma16816<T>(dq[d + 1], a, bk[2], bk[3]);
+        }
       }
-    }
+    }  // mode != kSkip
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -503,6 +575,15 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   if (!g.delta || (!g.deterministic && !g.dq_accum)) return cudaErrorInvalidValue;
   BwdArgs a;
   a.g = g;
+  if (p.sparse) {
+    // Block sizes 64 or 128: query tiles (64 rows), warps (16 rows) and key tiles then lie in
+    // one block. The query-side lists drive the main kernel.
+    const BlockSparseSchedule& bs = *p.sparse;
+    if ((bs.block_q != 64 && bs.block_q != 128) || (bs.block_k != 64 && bs.block_k != 128) || p.cu_seqlens_q ||
+        !bs.q_num || !bs.q_idx || !bs.full_q_num || !bs.full_q_idx)
+      return cudaErrorInvalidValue;
+    a.sparse = bs;
+  }
   a.vec_q = vec_ok(p.q, p.q_stride);
   a.vec_k = vec_ok(p.k, p.k_stride);
   a.vec_v = vec_ok(p.v, p.v_stride);
@@ -519,7 +600,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   if (p.seqlen_k > 0) {
     using Tr = BwdTraits<Dp>;
     constexpr int smem = bwd_smem_bytes<Dp>();
-    auto kernel = flash_bwd_kernel<T, Dp>;
+    auto kernel = p.sparse ? flash_bwd_kernel<T, Dp, true> : flash_bwd_kernel<T, Dp, false>;
     if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
       return err;
     const dim3 grid = make_grid(p.seqlen_k, Tr::kBlockN, p.heads_kv, p.batch);
@@ -530,7 +611,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
     if (g.deterministic) {
       using Tr = FwdTraits<Dp>;
       constexpr int smem = bwd_dq_smem_bytes<Dp>();
-      auto kernel = flash_bwd_dq_kernel<T, Dp>;
+      auto kernel = p.sparse ? flash_bwd_dq_kernel<T, Dp, true> : flash_bwd_dq_kernel<T, Dp, false>;
       if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
         return err;
       const dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);

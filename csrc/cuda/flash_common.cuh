@@ -264,6 +264,146 @@ struct ScoreMod {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// ---- block-sparse schedules ---------------------------------------------------------------
+// The kernels walk a BlockSparseSchedule (attention.h) instead of the implicit key range
+// when instantiated with Sparse = true. Every 16-row warp tile (forward, deterministic dQ)
+// and every 64-row query tile of the backward lies inside one BlockMask block, because
+// block sizes are 64 or 128; so the state of a (rows, keys) tile is uniform per warp:
+enum SparseMode : int { kSkip = 0, kFull = 1, kPartial = 2 };  // not listed / no mask / element mask
+constexpr int kNoBlock = 0x7fffffff;
+
+// One sorted block list (partial or full) of a BlockMask row being merged. The count is
+// clamped to [0, n] and entries to [0, n), so whatever the list holds, nothing outside its
+// n slots is read and no block outside the sequence is visited.
+struct ListCursor {
+  const int32_t* idx;
+  int num, pos, head, n;  // head: current entry, kNoBlock when exhausted
+
+  __device__ __forceinline__ void init(const int32_t* num_ptr, const int32_t* idx_row, int slots) {
+    n = slots;
+    const int c = *num_ptr;
+    num = c < 0 ? 0 : (c > n ? n : c);
+    idx = idx_row;
+    pos = 0;
+    load();
+  }
+  __device__ __forceinline__ void init_empty() { num = pos = n = 0, idx = nullptr, head = kNoBlock; }
+  __device__ __forceinline__ void load() {
+    const int x = pos < num ? idx[pos] : kNoBlock;
+    head = pos < num ? (x < 0 ? 0 : (x >= n ? n - 1 : x)) : kNoBlock;
+  }
+  __device__ __forceinline__ void pop_if(int blk) {
+    if (head == blk) {
+      ++pos;
+      load();
+    }
+  }
+};
+
+// Key tiles of N keys visited by the rows [i0, i0 + rows_cta) of a forward-shaped CTA: the
+// sorted union of the key blocks listed (partial or full) for the one or two query blocks
+// those rows cover, merged on the fly, each key block cut into block_k / N tiles (those
+// starting before sk). After next() returns true, j0() is the tile and mode[q] its state
+// for the q-th query block of the CTA.
+template <int N>
+struct SparseKeyWalk {
+  ListCursor part[2], full[2];
+  int block_k, sk, tiles, kb, sub;
+  int mode[2];
+
+  __device__ __forceinline__ void init(const BlockSparseSchedule& bs, int b, int h, int i0, int rows_cta, int sq,
+                                       int sk_) {
+    block_k = int(bs.block_k);
+    sk = sk_;
+    tiles = block_k / N;
+    kb = -1;
+    sub = 0;
+    const int bq = int(bs.block_q), qb0 = i0 / bq;
+    const int nq = min((i0 + rows_cta - 1) / bq, (sq - 1) / bq) - qb0 + 1;  // 1 or 2
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      if (q < nq) {
+        const int64_t qb = qb0 + q;
+        const int64_t no = b * bs.num_stride[0] + h * bs.num_stride[1] + qb * bs.num_stride[2];
+        const int64_t io = b * bs.idx_stride[0] + h * bs.idx_stride[1] + qb * bs.idx_stride[2];
+        part[q].init(bs.kv_num + no, bs.kv_idx + io, int(bs.num_k_blocks));
+        full[q].init(bs.full_num + no, bs.full_idx + io, int(bs.num_k_blocks));
+      } else {
+        part[q].init_empty();
+        full[q].init_empty();
+      }
+    }
+  }
+  __device__ __forceinline__ bool next() {
+    if (kb >= 0 && ++sub < tiles && kb * block_k + sub * N < sk) return true;
+    const int m = min(min(part[0].head, full[0].head), min(part[1].head, full[1].head));
+    if (m == kNoBlock) return false;
+    kb = m;
+    sub = 0;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      mode[q] = part[q].head == m ? kPartial : (full[q].head == m ? kFull : kSkip);
+      part[q].pop_if(m);
+      full[q].pop_if(m);
+    }
+    return true;
+  }
+  __device__ __forceinline__ int j0() const { return kb * block_k + sub * N; }
+};
+
+// Query tiles of M rows visited by the backward CTA of the key block kbk: the sorted union
+// of the query blocks listed for it (query-side lists), each cut into block_q / M tiles
+// (those starting before sq); mode is the state of the current tile.
+template <int M>
+struct SparseQueryWalk {
+  ListCursor part, full;
+  int block_q, sq, tiles, qb, sub, mode;
+
+  __device__ __forceinline__ void init(const BlockSparseSchedule& bs, int b, int h, int kbk, int sq_) {
+    block_q = int(bs.block_q);
+    sq = sq_;
+    tiles = block_q / M;
+    qb = -1;
+    sub = 0;
+    mode = kSkip;
+    const int64_t no = b * bs.q_num_stride[0] + h * bs.q_num_stride[1] + int64_t(kbk) * bs.q_num_stride[2];
+    const int64_t io = b * bs.q_idx_stride[0] + h * bs.q_idx_stride[1] + int64_t(kbk) * bs.q_idx_stride[2];
+    part.init(bs.q_num + no, bs.q_idx + io, int(bs.num_q_blocks));
+    full.init(bs.full_q_num + no, bs.full_q_idx + io, int(bs.num_q_blocks));
+  }
+  __device__ __forceinline__ bool next() {
+    if (qb >= 0 && ++sub < tiles && qb * block_q + sub * M < sq) return true;
+    const int m = min(part.head, full.head);
+    if (m == kNoBlock) return false;
+    qb = m;
+    sub = 0;
+    mode = part.head == m ? kPartial : kFull;
+    part.pop_if(m);
+    full.pop_if(m);
+    return true;
+  }
+  __device__ __forceinline__ int i0() const { return qb * block_q + sub * M; }
+};
+
+// The element mask of partial blocks for one query row i, as key bounds: key j < sk is
+// visible iff j < causal_end and (wlo <= j < whi or j < sink), which is
+// BlockSparseSchedule::visible(i, j, sq, sk); keys >= sk are never visible.
+struct SparseRowMask {
+  int causal_end, wlo, whi, sink;
+
+  __device__ __forceinline__ void init(const BlockSparseSchedule& bs, int64_t i, int sq, int sk) {
+    const int64_t d = i + sk - sq;
+    auto clamp = [&](int64_t x) { return x < 0 ? 0 : (x > sk ? sk : int(x)); };
+    causal_end = bs.causal ? clamp(d + 1) : sk;
+    wlo = bs.window_left < 0 ? 0 : clamp(d - bs.window_left);
+    whi = bs.window_right < 0 ? sk : clamp(d + bs.window_right + 1);
+    sink = clamp(bs.sink_tokens);
+  }
+  __device__ __forceinline__ bool visible(int j) const {
+    return j < causal_end && ((j >= wlo && j < whi) || j < sink);
+  }
+};
+
 // Grids are (row blocks x batch, heads, 1): the batch is folded into x (up to 2^31 - 1
 // CTAs) because a packed varlen batch can hold more sequences than gridDim.z's 65535.
 inline dim3 make_grid(int64_t seqlen, int block, int64_t heads, int64_t batch) {

@@ -12,6 +12,13 @@
 // straight from the S accumulators (flash_common.cuh). The final O is divided by the row
 // sum and stored directly from registers; lse = m + log(l) (or -inf for rows without a
 // visible key, which also get O = 0).
+//
+// Sparse = true walks a BlockSparseSchedule instead (SparseKeyWalk, flash_common.cuh): the
+// key tiles of the blocks listed for the CTA's query block(s), each warp applying its own
+// block's state: not listed (the warp skips the tile: its scores are all -inf), full (no
+// mask) or partial (the BlockMask's element mask). Both variants are instantiated by each
+// launcher. The sparse variant has not yet run on a GPU; it is checked on the host through
+// tests/cuda_emulation.
 #pragma once
 
 #include "flash_common.cuh"
@@ -22,7 +29,8 @@ namespace flash {
 
 struct FwdArgs {
   AttentionParams p;
-  bool vec_q, vec_k, vec_v;  // cp.async allowed (see load_tile)
+  BlockSparseSchedule sparse;  // read by the Sparse variant only (a copy: p.sparse is a host pointer)
+  bool vec_q, vec_k, vec_v;    // cp.async allowed (see load_tile)
 };
 
 template <int Dp>
@@ -31,7 +39,7 @@ constexpr int fwd_smem_bytes() {
   return (Tr::kBlockM + 4 * Tr::kBlockN) * (Dp + kPad) * 2;  // Q, 2 stages of K and V
 }
 
-template <typename T, int Dp>
+template <typename T, int Dp, bool Sparse>
 __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(const FwdArgs args) {
   using Tr = FwdTraits<Dp>;
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN, THREADS = Tr::kWarps * 32, LD = Dp + kPad;
@@ -62,14 +70,27 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
   const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
 
-  auto load_kv = [&](int kb, int stage) {
-    const int j0 = kb * N, n = min(N, s.sk - j0);
+  auto load_kv = [&](int j0, int stage) {
+    const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
     load_tile<T, N, Dp, THREADS>(sV + stage * N * LD, v + j0 * p.v_stride[1], p.v_stride[1], n, Dv, args.vec_v);
   };
 
+  // The key tiles in visiting order: dense [kb_begin, kb_end) x N, sparse from the walk.
+  SparseKeyWalk<N> walk;
+  bool more;
+  int next_j0;
+  if constexpr (Sparse) {
+    walk.init(args.sparse, b, h, i0, M, s.sq, s.sk);
+    more = walk.next();
+    next_j0 = more ? walk.j0() : 0;
+  } else {
+    more = kb_begin < kb_end;
+    next_j0 = kb_begin * N;
+  }
+
   load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
-  if (kb_begin < kb_end) load_kv(kb_begin, 0);
+  if (more) load_kv(next_j0, 0);
   cp_async_commit();  // group: Q + first K/V block
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -79,6 +100,13 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   ScoreMod mod;
   mod.init(p, s, b, h);
   const int lo_lo = mod.lo(i_lo), hi_lo = mod.hi(i_lo), lo_hi = mod.lo(i_hi), hi_hi = mod.hi(i_hi);
+  // Sparse: which of the CTA's query blocks holds this warp's rows, and their element masks.
+  const int wq = Sparse ? (i0 + r0) / int(args.sparse.block_q) - i0 / int(args.sparse.block_q) : 0;
+  SparseRowMask rm_lo, rm_hi;
+  if constexpr (Sparse) {
+    rm_lo.init(args.sparse, i_lo, s.sq, s.sk);
+    rm_hi.init(args.sparse, i_hi, s.sq, s.sk);
+  }
 
   float o[DT][4];
 #pragma unroll
@@ -86,96 +114,121 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   float m_lo = -INFINITY, m_hi = -INFINITY;  // running max (natural units)
   float l_lo = 0.f, l_hi = 0.f;              // this thread's part of the running sum
 
-  for (int kb = kb_begin; kb < kb_end; ++kb) {
-    const int stage = (kb - kb_begin) & 1;
-    if (kb + 1 < kb_end) load_kv(kb + 1, stage ^ 1);
+  for (int it = 0; more; ++it) {
+    const int stage = it & 1;
+    const int j0 = next_j0;
+    bool masked;
+    int mode = kFull;
+    if constexpr (Sparse) {
+      mode = wq ? walk.mode[1] : walk.mode[0];
+      masked = mode == kPartial;
+      more = walk.next();
+      next_j0 = more ? walk.j0() : 0;
+    } else {
+      masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+      next_j0 = j0 + N;
+      more = next_j0 < kb_end * N;
+    }
+    if (more) load_kv(next_j0, stage ^ 1);
     cp_async_commit();  // possibly empty group, keeps the wait count uniform
     cp_async_wait<1>();
     __syncthreads();
 
     const T* cK = sK + stage * N * LD;
     const T* cV = sV + stage * N * LD;
-    const int j0 = kb * N;
-    const bool masked = j0 < kr.full_begin || j0 + N > kr.full_end;
-
-    // S = Q K^T for this warp's 16 rows x N keys.
-    float acc[NT][4];
+    if (!Sparse || mode != kSkip) {  // warp-uniform: a skipped tile leaves m, l and O unchanged
+      // S = Q K^T for this warp's 16 rows x N keys.
+      float acc[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+      for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < Dp / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (r0 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
+      for (int kk = 0; kk < Dp / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sQ + (r0 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16));
 #pragma unroll
-      for (int n = 0; n < NT; n += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, cK + (n * 8 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2));
-        mma16816<T>(acc[n], a, bf[0], bf[1]);
-        mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
+        for (int n = 0; n < NT; n += 2) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, cK + (n * 8 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2));
+          mma16816<T>(acc[n], a, bf[0], bf[1]);
+          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
+        }
       }
-    }
 
-    // Scores, row maxima.
-    float mx_lo = m_lo, mx_hi = m_hi;
+      // Scores, row maxima.
+      float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int j = j0 + n * 8 + 2 * t;
-      float tt;
-      acc[n][0] = mod.apply(acc[n][0], i_lo, j, masked, lo_lo, hi_lo, tt);
-      acc[n][1] = mod.apply(acc[n][1], i_lo, j + 1, masked, lo_lo, hi_lo, tt);
-      acc[n][2] = mod.apply(acc[n][2], i_hi, j, masked, lo_hi, hi_hi, tt);
-      acc[n][3] = mod.apply(acc[n][3], i_hi, j + 1, masked, lo_hi, hi_hi, tt);
-      mx_lo = fmaxf(mx_lo, fmaxf(acc[n][0], acc[n][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(acc[n][2], acc[n][3]));
-    }
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-
-    // Online softmax: rescale by exp(m_old - m_new); a row still at -inf keeps P = 0.
-    const float alpha_lo = mx_lo == -INFINITY ? 1.f : exp2f((m_lo - mx_lo) * kLog2e);
-    const float alpha_hi = mx_hi == -INFINITY ? 1.f : exp2f((m_hi - mx_hi) * kLog2e);
-    const float base_lo = mx_lo == -INFINITY ? 0.f : mx_lo * kLog2e;
-    const float base_hi = mx_hi == -INFINITY ? 0.f : mx_hi * kLog2e;
-    m_lo = mx_lo;
-    m_hi = mx_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n][0] = exp2f(fmaf(acc[n][0], kLog2e, -base_lo));  // exp2(-inf) = 0
-      acc[n][1] = exp2f(fmaf(acc[n][1], kLog2e, -base_lo));
-      acc[n][2] = exp2f(fmaf(acc[n][2], kLog2e, -base_hi));
-      acc[n][3] = exp2f(fmaf(acc[n][3], kLog2e, -base_hi));
-      sum_lo += acc[n][0] + acc[n][1];
-      sum_hi += acc[n][2] + acc[n][3];
-    }
-    l_lo = l_lo * alpha_lo + sum_lo;
-    l_hi = l_hi * alpha_hi + sum_hi;
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      o[d][0] *= alpha_lo;
-      o[d][1] *= alpha_lo;
-      o[d][2] *= alpha_hi;
-      o[d][3] *= alpha_hi;
-    }
-
-    // O += P V: P from the accumulators (k-step kk = S n-tiles 2kk, 2kk+1), V via ldmatrix.trans.
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
-      a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
-      a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-      a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-#pragma unroll
-      for (int d = 0; d < DT; d += 2) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, cV + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
-        mma16816<T>(o[d], a, bf[0], bf[1]);
-        mma16816<T>(o[d + 1], a, bf[2], bf[3]);
+      for (int n = 0; n < NT; ++n) {
+        const int j = j0 + n * 8 + 2 * t;
+        float tt;
+        if constexpr (Sparse) {
+          acc[n][0] = mod.apply(acc[n][0], i_lo, j, false, 0, 0, tt);
+          acc[n][1] = mod.apply(acc[n][1], i_lo, j + 1, false, 0, 0, tt);
+          acc[n][2] = mod.apply(acc[n][2], i_hi, j, false, 0, 0, tt);
+          acc[n][3] = mod.apply(acc[n][3], i_hi, j + 1, false, 0, 0, tt);
+          if (masked) {
+            if (!rm_lo.visible(j)) acc[n][0] = -INFINITY;
+            if (!rm_lo.visible(j + 1)) acc[n][1] = -INFINITY;
+            if (!rm_hi.visible(j)) acc[n][2] = -INFINITY;
+            if (!rm_hi.visible(j + 1)) acc[n][3] = -INFINITY;
+          }
+        } else {
+          acc[n][0] = mod.apply(acc[n][0], i_lo, j, masked, lo_lo, hi_lo, tt);
+          acc[n][1] = mod.apply(acc[n][1], i_lo, j + 1, masked, lo_lo, hi_lo, tt);
+          acc[n][2] = mod.apply(acc[n][2], i_hi, j, masked, lo_hi, hi_hi, tt);
+          acc[n][3] = mod.apply(acc[n][3], i_hi, j + 1, masked, lo_hi, hi_hi, tt);
+        }
+        mx_lo = fmaxf(mx_lo, fmaxf(acc[n][0], acc[n][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(acc[n][2], acc[n][3]));
       }
-    }
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+
+      // Online softmax: rescale by exp(m_old - m_new); a row still at -inf keeps P = 0.
+      const float alpha_lo = mx_lo == -INFINITY ? 1.f : exp2f((m_lo - mx_lo) * kLog2e);
+      const float alpha_hi = mx_hi == -INFINITY ? 1.f : exp2f((m_hi - mx_hi) * kLog2e);
+      const float base_lo = mx_lo == -INFINITY ? 0.f : mx_lo * kLog2e;
+      const float base_hi = mx_hi == -INFINITY ? 0.f : mx_hi * kLog2e;
+      m_lo = mx_lo;
+      m_hi = mx_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = exp2f(fmaf(acc[n][0], kLog2e, -base_lo));  // exp2(-inf) = 0
+        acc[n][1] = exp2f(fmaf(acc[n][1], kLog2e, -base_lo));
+        acc[n][2] = exp2f(fmaf(acc[n][2], kLog2e, -base_hi));
+        acc[n][3] = exp2f(fmaf(acc[n][3], kLog2e, -base_hi));
+        sum_lo += acc[n][0] + acc[n][1];
+        sum_hi += acc[n][2] + acc[n][3];
+      }
+      l_lo = l_lo * alpha_lo + sum_lo;
+      l_hi = l_hi * alpha_hi + sum_hi;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        o[d][0] *= alpha_lo;
+        o[d][1] *= alpha_lo;
+        o[d][2] *= alpha_hi;
+        o[d][3] *= alpha_hi;
+      }
+
+      // O += P V: P from the accumulators (k-step kk = S n-tiles 2kk, 2kk+1), V via ldmatrix.trans.
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+        a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+        a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+#pragma unroll
+        for (int d = 0; d < DT; d += 2) {
+          uint32_t bf[4];
+          ldmatrix_x4_trans(bf, cV + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
+          mma16816<T>(o[d], a, bf[0], bf[1]);
+          mma16816<T>(o[d + 1], a, bf[2], bf[3]);
+        }
+      }
+    }  // mode != kSkip
     __syncthreads();  // this stage is overwritten by the prefetch of the next iteration
   }
   cp_async_wait<0>();
@@ -225,11 +278,18 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (p.seqlen_q <= 0 || p.batch <= 0 || p.heads <= 0) return cudaSuccess;
   FwdArgs a;
   a.p = p;
+  if (p.sparse) {
+    // Block sizes 64 or 128: a warp's 16 rows and a key tile of N keys then lie in one block.
+    const BlockSparseSchedule& bs = *p.sparse;
+    if ((bs.block_q != 64 && bs.block_q != 128) || (bs.block_k != 64 && bs.block_k != 128) || p.cu_seqlens_q)
+      return cudaErrorInvalidValue;
+    a.sparse = bs;
+  }
   a.vec_q = vec_ok(p.q, p.q_stride);
   a.vec_k = vec_ok(p.k, p.k_stride);
   a.vec_v = vec_ok(p.v, p.v_stride);
   constexpr int smem = fwd_smem_bytes<Dp>();
-  auto kernel = flash_fwd_kernel<T, Dp>;
+  auto kernel = p.sparse ? flash_fwd_kernel<T, Dp, true> : flash_fwd_kernel<T, Dp, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   if (!grid_fits(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)) return cudaErrorInvalidConfiguration;

@@ -177,8 +177,10 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
 // ---- flash attention -------------------------------------------------------------------
 
 // A BlockMask's lists as the kernels read them; checked against q and k at call time.
+// Key side: kv_num, kv_idx, full_num, full_idx; query side (their transposes, read by the
+// CUDA backward): q_num, q_idx, full_q_num, full_q_idx.
 struct BlockSparseArgs {
-  TensorView kv_num, kv_idx, full_num, full_idx;
+  TensorView kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx;
   int64_t block_q, block_k;
   bool causal;
   int64_t window_left, window_right, sink_tokens;
@@ -357,61 +359,90 @@ AttentionParams attention_params(const char* op, const TensorView& q, const Tens
   return p;
 }
 
-// Checks a BlockMask's lists against q/k (shapes, dtypes, every count and index in range)
-// and fills `bs`; afterwards the kernel may read them without bounds checks.
-void block_sparse_schedule(const char* op, const BlockSparseArgs& m, const AttentionParams& p, BlockSparseSchedule& bs) {
+// Checks a BlockMask's lists against q/k and fills `bs`. Shapes, dtypes and devices are
+// always checked. Lists in host memory also have every count and index checked (counts in
+// [0, n], indices in [0, n) and strictly increasing within the count), after which the CPU
+// kernel reads them without bounds checks. Lists in device memory cannot be read here
+// without a synchronizing copy: their contents were validated when the BlockMask was
+// constructed (every constructor path, .to(device) included), and the CUDA kernels clamp
+// counts and indices to the list shapes, so they never read out of bounds.
+void block_sparse_schedule(const char* op, const BlockSparseArgs& m, const TensorView& q, const AttentionParams& p,
+                           BlockSparseSchedule& bs) {
   using namespace checks;
+  const bool cuda = q.device == DeviceType::CUDA;
   LONGATTN_CHECK_VALUE(m.block_q >= 1 && m.block_k >= 1, cat(op, ": block_mask block sizes must be positive"));
+  if (cuda)  // a 64-row query tile and a key tile of the kernels must lie inside one block
+    LONGATTN_CHECK_VALUE((m.block_q == 64 || m.block_q == 128) && (m.block_k == 64 || m.block_k == 128),
+                         cat(op, ": block_mask.block_size must be 64 or 128 in each dim on CUDA, got (", m.block_q,
+                             ", ", m.block_k, "); build the mask with block_size=64 or 128"));
   const int64_t nqb = (p.seqlen_q + m.block_q - 1) / m.block_q, nkb = (p.seqlen_k + m.block_k - 1) / m.block_k;
-  const TensorView* nums[2] = {&m.kv_num, &m.full_num};
-  const TensorView* idxs[2] = {&m.kv_idx, &m.full_idx};
-  const char* num_names[2] = {"block_mask.kv_num_blocks", "block_mask.full_kv_num_blocks"};
-  const char* idx_names[2] = {"block_mask.kv_indices", "block_mask.full_kv_indices"};
-  for (int l = 0; l < 2; ++l) {
+  const TensorView* nums[4] = {&m.kv_num, &m.full_num, &m.q_num, &m.full_q_num};
+  const TensorView* idxs[4] = {&m.kv_idx, &m.full_idx, &m.q_idx, &m.full_q_idx};
+  const char* num_names[4] = {"block_mask.kv_num_blocks", "block_mask.full_kv_num_blocks", "block_mask.q_num_blocks",
+                              "block_mask.full_q_num_blocks"};
+  const char* idx_names[4] = {"block_mask.kv_indices", "block_mask.full_kv_indices", "block_mask.q_indices",
+                              "block_mask.full_q_indices"};
+  for (int l = 0; l < 4; ++l) {
     const TensorView& n = *nums[l];
     const TensorView& x = *idxs[l];
+    const bool q_side = l >= 2;
+    const int64_t rows = q_side ? nkb : nqb, slots = q_side ? nqb : nkb;
     LONGATTN_CHECK_TYPE(n.dtype == DType::Int32 && x.dtype == DType::Int32,
                         cat(op, ": ", num_names[l], " and ", idx_names[l], " must be int32"));
-    LONGATTN_CHECK_VALUE(n.device == DeviceType::CPU && x.device == DeviceType::CPU,
-                         cat(op, ": block-sparse attention runs on the CPU only for now; the block mask must be there"));
-    LONGATTN_CHECK_VALUE(n.ndim == 3 && x.ndim == 4, cat(op, ": ", num_names[l], " must be (B|1, H|1, nQb) and ",
-                                                          idx_names[l], " (B|1, H|1, nQb, nKb)"));
+    same_device(op, num_names[l], n, "q", q);
+    same_device(op, idx_names[l], x, "q", q);
+    LONGATTN_CHECK_VALUE(n.ndim == 3 && x.ndim == 4,
+                         cat(op, ": ", num_names[l], " must be (B|1, H|1, ", q_side ? "nKb" : "nQb", ") and ",
+                             idx_names[l], " (B|1, H|1, ", q_side ? "nKb, nQb" : "nQb, nKb", ")"));
     LONGATTN_CHECK_VALUE((n.shape[0] == 1 || n.shape[0] == p.batch) && (n.shape[1] == 1 || n.shape[1] == p.heads) &&
-                             n.shape[2] == nqb,
-                         cat(op, ": ", num_names[l], " has shape ", shape_str(n), " but q needs (", p.batch, "|1, ",
-                             p.heads, "|1, ", nqb, ") for block_q ", m.block_q));
+                             n.shape[2] == rows,
+                         cat(op, ": ", num_names[l], " has shape ", shape_str(n), " but q and k need (", p.batch,
+                             "|1, ", p.heads, "|1, ", rows, ") for block_size (", m.block_q, ", ", m.block_k, ")"));
     for (int d = 0; d < 3; ++d)
       LONGATTN_CHECK_VALUE(x.shape[d] == n.shape[d], cat(op, ": ", idx_names[l], " and ", num_names[l], " disagree"));
-    LONGATTN_CHECK_VALUE(x.shape[3] == nkb, cat(op, ": ", idx_names[l], " has ", x.shape[3], " key blocks, k needs ",
-                                                nkb, " for block_k ", m.block_k));
+    LONGATTN_CHECK_VALUE(x.shape[3] == slots, cat(op, ": ", idx_names[l], " has ", x.shape[3], " slots, q and k need ",
+                                                  slots, " for block_size (", m.block_q, ", ", m.block_k, ")"));
     LONGATTN_CHECK_VALUE(x.shape[3] <= 1 || x.stride[3] == 1, cat(op, ": ", idx_names[l], " must be contiguous"));
+    LONGATTN_CHECK_VALUE(n.shape[0] == m.kv_num.shape[0] && n.shape[1] == m.kv_num.shape[1],
+                         cat(op, ": the block_mask lists must share their batch and head dims"));
+    if (n.device != DeviceType::CPU) continue;
     const int32_t* nd = static_cast<const int32_t*>(n.data);
     const int32_t* xd = static_cast<const int32_t*>(x.data);
     for (int64_t b = 0; b < n.shape[0]; ++b)
       for (int64_t h = 0; h < n.shape[1]; ++h)
-        for (int64_t q = 0; q < nqb; ++q) {
-          const int32_t c = nd[b * n.stride[0] + h * n.stride[1] + q * n.stride[2]];
-          LONGATTN_CHECK_VALUE(c >= 0 && c <= nkb, cat(op, ": ", num_names[l], " holds ", c, ", outside [0, ", nkb, "]"));
-          const int32_t* row = xd + b * x.stride[0] + h * x.stride[1] + q * x.stride[2];
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t c = nd[b * n.stride[0] + h * n.stride[1] + r * n.stride[2]];
+          LONGATTN_CHECK_VALUE(c >= 0 && c <= slots,
+                               cat(op, ": ", num_names[l], " holds ", c, ", outside [0, ", slots, "]"));
+          const int32_t* row = xd + b * x.stride[0] + h * x.stride[1] + r * x.stride[2];
           for (int32_t i = 0; i < c; ++i)
-            LONGATTN_CHECK_VALUE(row[i] >= 0 && row[i] < nkb && (i == 0 || row[i] > row[i - 1]),
-                                 cat(op, ": ", idx_names[l], " must hold sorted indices in [0, ", nkb, ")"));
+            LONGATTN_CHECK_VALUE(row[i] >= 0 && row[i] < slots && (i == 0 || row[i] > row[i - 1]),
+                                 cat(op, ": ", idx_names[l], " must hold sorted indices in [0, ", slots, ")"));
         }
   }
   auto bstride = [&](const TensorView& t, int d) { return t.shape[d] == 1 ? int64_t(0) : t.stride[d]; };
-  LONGATTN_CHECK_VALUE(m.kv_num.shape[0] == m.full_num.shape[0] && m.kv_num.shape[1] == m.full_num.shape[1] &&
-                           m.kv_num.stride[0] == m.full_num.stride[0] && m.kv_num.stride[1] == m.full_num.stride[1] &&
-                           m.kv_num.stride[2] == m.full_num.stride[2] && m.kv_idx.stride[0] == m.full_idx.stride[0] &&
-                           m.kv_idx.stride[1] == m.full_idx.stride[1] && m.kv_idx.stride[2] == m.full_idx.stride[2],
-                       cat(op, ": the partial and full lists of block_mask must share shapes and strides"));
+  for (int side = 0; side < 2; ++side) {
+    const TensorView &n0 = *nums[2 * side], &n1 = *nums[2 * side + 1], &x0 = *idxs[2 * side], &x1 = *idxs[2 * side + 1];
+    bool same = true;
+    for (int d = 0; d < 3; ++d) same = same && bstride(n0, d) == bstride(n1, d) && bstride(x0, d) == bstride(x1, d);
+    LONGATTN_CHECK_VALUE(same, cat(op, ": the partial and full lists of block_mask must share shapes and strides"));
+  }
   bs.kv_num = static_cast<const int32_t*>(m.kv_num.data);
   bs.kv_idx = static_cast<const int32_t*>(m.kv_idx.data);
   bs.full_num = static_cast<const int32_t*>(m.full_num.data);
   bs.full_idx = static_cast<const int32_t*>(m.full_idx.data);
+  bs.q_num = static_cast<const int32_t*>(m.q_num.data);
+  bs.q_idx = static_cast<const int32_t*>(m.q_idx.data);
+  bs.full_q_num = static_cast<const int32_t*>(m.full_q_num.data);
+  bs.full_q_idx = static_cast<const int32_t*>(m.full_q_idx.data);
   for (int d = 0; d < 3; ++d) {
     bs.num_stride[d] = bstride(m.kv_num, d);
     bs.idx_stride[d] = bstride(m.kv_idx, d);
+    bs.q_num_stride[d] = bstride(m.q_num, d);
+    bs.q_idx_stride[d] = bstride(m.q_idx, d);
   }
+  bs.num_q_blocks = nqb;
+  bs.num_k_blocks = nkb;
   bs.block_q = m.block_q;
   bs.block_k = m.block_k;
   bs.causal = m.causal;
@@ -427,10 +458,8 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   LONGATTN_CHECK_VALUE(lse != nullptr, checks::cat(op, ": lse is required"));
   BlockSparseSchedule bs;
   if (a.sparse) {
-    if (q.device == DeviceType::CUDA)
-      raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA block-sparse kernel is not implemented yet"));
     LONGATTN_CHECK_VALUE(!a.cu_seqlens_q, checks::cat(op, ": block-sparse attention takes dense batches"));
-    block_sparse_schedule(op, *a.sparse, p, bs);
+    block_sparse_schedule(op, *a.sparse, q, p, bs);
     p.sparse = &bs;
   }
   if (p.batch == 0 || p.heads == 0) return;
@@ -460,9 +489,8 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   g.fwd = attention_params(op, q, k, v, out, &lse, a);
   BlockSparseSchedule bs;
   if (a.sparse) {
-    if (q.device == DeviceType::CUDA)
-      raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA block-sparse kernel is not implemented yet"));
-    block_sparse_schedule(op, *a.sparse, g.fwd, bs);
+    LONGATTN_CHECK_VALUE(!a.cu_seqlens_q, checks::cat(op, ": block-sparse attention takes dense batches"));
+    block_sparse_schedule(op, *a.sparse, q, g.fwd, bs);
     g.fwd.sparse = &bs;
   }
   grad_like(op, "dout", dout, out, "out", q);
@@ -595,11 +623,14 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<BlockSparseArgs>(m, "BlockSparse")
       .def(py::init([](const TensorView& kv_num, const TensorView& kv_idx, const TensorView& full_num,
-                       const TensorView& full_idx, int64_t block_q, int64_t block_k, bool causal, int64_t wl, int64_t wr,
-                       int64_t sink) {
-             return BlockSparseArgs{kv_num, kv_idx, full_num, full_idx, block_q, block_k, causal, wl, wr, sink};
+                       const TensorView& full_idx, const TensorView& q_num, const TensorView& q_idx,
+                       const TensorView& full_q_num, const TensorView& full_q_idx, int64_t block_q, int64_t block_k,
+                       bool causal, int64_t wl, int64_t wr, int64_t sink) {
+             return BlockSparseArgs{kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
+                                    block_q, block_k, causal, wl, wr, sink};
            }),
-           py::arg("kv_num"), py::arg("kv_idx"), py::arg("full_num"), py::arg("full_idx"), py::arg("block_q"),
+           py::arg("kv_num"), py::arg("kv_idx"), py::arg("full_num"), py::arg("full_idx"), py::arg("q_num"),
+           py::arg("q_idx"), py::arg("full_q_num"), py::arg("full_q_idx"), py::arg("block_q"),
            py::arg("block_k"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
            py::arg("sink_tokens"));
   auto args = [](const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale,

@@ -252,8 +252,9 @@ class BlockMask:
     size the device supports (CUDA: 64 or 128; CPU: a power of two from 16 to 256).
     The query-side lists may be omitted (None): they are then computed.
 
-    The arrays are stored C-contiguous (NumPy copies are read-only); treat them as
-    immutable, kernels trust a constructed mask.
+    The arrays are stored as C-contiguous copies (NumPy copies are read-only); treat them
+    as immutable: kernels trust a constructed mask (the CUDA binding checks shapes, dtypes
+    and devices but cannot read device memory to re-check indices).
 
     Attributes: the eight arrays, block_size (block_q, block_k), q_len, kv_len, mask
     (ElementMask or None), shape (B|1, H|1, q_len, kv_len), framework ("numpy" or
@@ -355,6 +356,10 @@ class BlockMask:
             if framework == "numpy":
                 x = np.array(x, dtype=np.int32, order="C", copy=True)
                 x.flags.writeable = False
+            elif given[name] is not None:
+                # An own copy: what was validated above is what the kernels read, whatever
+                # the caller later does to its tensors (the CUDA binding cannot re-check them).
+                x = x.clone(memory_format=sys.modules["torch"].contiguous_format)
             else:
                 x = x.contiguous()
             setattr(self, name, x)

@@ -1,8 +1,11 @@
 // Runs the CUDA flash attention kernels on the host through flash_emulate.h (every CUDA
 // thread a std::thread, warp primitives emulated per the PTX ISA) and compares them with a
 // float64 reference of attention.h's semantics. For checking kernel indexing on machines
-// without a GPU; the real tests are tests/test_flash_attention_cuda.py. Build and run:
-//   tests/cuda_emulation/run.sh
+// without a GPU; the real tests are tests/test_flash_attention_cuda.py and
+// tests/test_block_sparse_attention_cuda.py. Cases whose name starts with "sparse" run the
+// block-sparse variants (Sparse = true) against the BlockMask's expanded element mask.
+// Build and run:
+//   tests/cuda_emulation/run.sh [case-substring | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 #define LONGATTN_FLASH_EMULATE 1
 #include <cstdio>
 #include <cstdlib>
@@ -15,12 +18,27 @@
 using namespace longattn;
 using namespace longattn::cuda::flash;
 
+// A block-sparse schedule drawn at random: each (query block, key block) tile of the
+// (B|1, H|1) mask is skipped, full (only where the tile is not cut by Sq / Sk, as BlockMask
+// requires) or partial (element mask causal / window / sink), with the given odds.
+struct SparseCfg {
+  bool on = false;
+  int bq = 64, bk = 64;
+  bool per_batch = false, per_head = false;
+  bool causal = false;
+  int wl = -1, wr = -1, sink = 0;
+  double p_full = 0.3, p_partial = 0.4;
+  int empty_q_block = -1;  // a query block with nothing listed (every mask row)
+  unsigned seed = 7;
+};
+
 struct Cfg {
   int B = 1, H = 2, Hkv = 1, Sq = 40, Sk = 70, D = 64, Dv = 64;
   bool causal = false, varlen = false, alibi = false, dlse = false, deterministic = false;
   int wl = -1, wr = -1;
   double softcap = 0;
   std::vector<int> lens_q, lens_k;  // varlen
+  SparseCfg sparse;
 };
 
 template <typename T>
@@ -31,6 +49,90 @@ struct Run {
   std::vector<float> lse, dlse, delta, dqa, slopes;
   std::vector<int32_t> cuq, cuk;
   AttentionParams p;
+  // block-sparse: tile states (mb, mh, nqb, nkb) 0 skip / 1 full / 2 partial, and the lists
+  int mb = 1, mh = 1, nqb = 0, nkb = 0;
+  std::vector<int8_t> state;
+  std::vector<int32_t> kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx;
+  BlockSparseSchedule bs;
+
+  void build_sparse() {
+    const SparseCfg& sc = c.sparse;
+    mb = sc.per_batch ? c.B : 1;
+    mh = sc.per_head ? c.H : 1;
+    nqb = (c.Sq + sc.bq - 1) / sc.bq;
+    nkb = (c.Sk + sc.bk - 1) / sc.bk;
+    std::mt19937 rng(sc.seed);
+    std::uniform_real_distribution<double> u(0, 1);
+    state.assign(size_t(mb) * mh * nqb * nkb, 0);
+    for (int b = 0; b < mb; ++b)
+      for (int h = 0; h < mh; ++h)
+        for (int qb = 0; qb < nqb; ++qb)
+          for (int kb = 0; kb < nkb; ++kb) {
+            const bool uncut = (qb + 1) * sc.bq <= c.Sq && (kb + 1) * sc.bk <= c.Sk;
+            const double x = u(rng);
+            int8_t st = x < sc.p_full ? 1 : (x < sc.p_full + sc.p_partial ? 2 : 0);
+            if (st == 1 && !uncut) st = 2;
+            if (qb == sc.empty_q_block) st = 0;
+            state[((size_t(b) * mh + h) * nqb + qb) * nkb + kb] = st;
+          }
+    // key side (rows = query blocks) and query side (rows = key blocks), sorted, pads 0
+    auto lists = [&](bool q_side, int8_t want, std::vector<int32_t>& num, std::vector<int32_t>& idx) {
+      const int rows = q_side ? nkb : nqb, cols = q_side ? nqb : nkb;
+      num.assign(size_t(mb) * mh * rows, 0);
+      idx.assign(size_t(mb) * mh * rows * cols, 0);
+      for (int bh = 0; bh < mb * mh; ++bh)
+        for (int r = 0; r < rows; ++r) {
+          int n = 0;
+          for (int cc = 0; cc < cols; ++cc) {
+            const int qb = q_side ? cc : r, kb = q_side ? r : cc;
+            if (state[(size_t(bh) * nqb + qb) * nkb + kb] == want) idx[(size_t(bh) * rows + r) * cols + n++] = cc;
+          }
+          num[size_t(bh) * rows + r] = n;
+        }
+    };
+    lists(false, 2, kv_num, kv_idx);
+    lists(false, 1, full_num, full_idx);
+    lists(true, 2, q_num, q_idx);
+    lists(true, 1, full_q_num, full_q_idx);
+    bs.kv_num = kv_num.data();
+    bs.kv_idx = kv_idx.data();
+    bs.full_num = full_num.data();
+    bs.full_idx = full_idx.data();
+    bs.q_num = q_num.data();
+    bs.q_idx = q_idx.data();
+    bs.full_q_num = full_q_num.data();
+    bs.full_q_idx = full_q_idx.data();
+    bs.num_stride[0] = mb > 1 ? int64_t(mh) * nqb : 0;
+    bs.num_stride[1] = mh > 1 ? nqb : 0;
+    bs.num_stride[2] = 1;
+    bs.idx_stride[0] = mb > 1 ? int64_t(mh) * nqb * nkb : 0;
+    bs.idx_stride[1] = mh > 1 ? int64_t(nqb) * nkb : 0;
+    bs.idx_stride[2] = nkb;
+    bs.q_num_stride[0] = mb > 1 ? int64_t(mh) * nkb : 0;
+    bs.q_num_stride[1] = mh > 1 ? nkb : 0;
+    bs.q_num_stride[2] = 1;
+    bs.q_idx_stride[0] = mb > 1 ? int64_t(mh) * nkb * nqb : 0;
+    bs.q_idx_stride[1] = mh > 1 ? int64_t(nkb) * nqb : 0;
+    bs.q_idx_stride[2] = nqb;
+    bs.num_q_blocks = nqb;
+    bs.num_k_blocks = nkb;
+    bs.block_q = sc.bq;
+    bs.block_k = sc.bk;
+    bs.causal = sc.causal;
+    bs.window_left = sc.wl;
+    bs.window_right = sc.wr;
+    bs.sink_tokens = sc.sink;
+    p.sparse = &bs;
+  }
+
+  // Element visibility of the reference: the dense causal / window rule, or the BlockMask's
+  // expanded element mask (full tiles: all; partial tiles: BlockSparseSchedule::visible).
+  bool visible(int b, int h, int i, int j, int SQ, int SK) const {
+    if (!c.sparse.on) return key_visible(i, j, SQ, SK, p.window_left, p.window_right);
+    const int8_t st = state[((size_t(mb > 1 ? b : 0) * mh + (mh > 1 ? h : 0)) * nqb + i / c.sparse.bq) * nkb +
+                            j / c.sparse.bk];
+    return st == 1 || (st == 2 && bs.visible(i, j, SQ, SK));
+  }
 
   int sq(int b) const { return c.varlen ? cuq[b + 1] - cuq[b] : c.Sq; }
   int sk(int b) const { return c.varlen ? cuk[b + 1] - cuk[b] : c.Sk; }
@@ -113,6 +215,7 @@ struct Run {
     p.alibi_slopes = c.alibi ? slopes.data() : nullptr;
     p.window_left = c.wl;
     p.window_right = c.causal ? 0 : c.wr;
+    if (c.sparse.on) build_sparse();
   }
 
   int64_t qi(int b, int i, int h, int d, int Dd) const { return ((tq(b) + i) * c.H + h) * Dd + d; }
@@ -136,7 +239,7 @@ struct Run {
           std::vector<double> s(SK, -INFINITY), th(SK, 0), P(SK, 0);
           double mx = -INFINITY;
           for (int j = 0; j < SK; ++j) {
-            if (!key_visible(i, j, SQ, SK, p.window_left, p.window_right)) continue;
+            if (!visible(b, h, i, j, SQ, SK)) continue;
             double acc = 0;
             for (int d = 0; d < c.D; ++d) acc += double(float(q[qi(b, i, h, d, c.D)])) * double(float(k[ki(b, j, hk, d, c.D)]));
             acc *= p.scale;
@@ -211,7 +314,13 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_k = vec_ok(R.p.k, R.p.k_stride);
     a.vec_v = vec_ok(R.p.v, R.p.v_stride);
     using Tr = FwdTraits<Dp>;
-    emu::launch(G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B)), Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp>(a); });
+    const emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
+    if (cfg.sparse.on) {
+      a.sparse = R.bs;
+      emu::launch(grid, Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); });
+    } else {
+      emu::launch(grid, Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); });
+    }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
   std::vector<T> o_ref(ro.size());
@@ -253,14 +362,23 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_k = vec_ok(g.fwd.k, g.fwd.k_stride);
     a.vec_v = vec_ok(g.fwd.v, g.fwd.v_stride);
     a.vec_do = vec_ok(g.dout, g.dout_stride);
+    if (cfg.sparse.on) a.sparse = R.bs;
     const AttentionParams& p = g.fwd;
     const emu::Dim3 rq = G(make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch));
     emu::launch(rq, 128, [&] { flash_bwd_preprocess_kernel<T>(g); });
     using Tb = BwdTraits<Dp>;
-    emu::launch(G(make_grid(p.seqlen_k, Tb::kBlockN, p.heads_kv, p.batch)), Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp>(a); });
+    const emu::Dim3 kgrid = G(make_grid(p.seqlen_k, Tb::kBlockN, p.heads_kv, p.batch));
+    if (cfg.sparse.on)
+      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, true>(a); });
+    else
+      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, false>(a); });
     if (cfg.deterministic) {
       using Tr = FwdTraits<Dp>;
-      emu::launch(G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)), Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp>(a); });
+      const emu::Dim3 qgrid = G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch));
+      if (cfg.sparse.on)
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); });
+      else
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, false>(a); });
     } else {
       emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); });
     }
@@ -331,10 +449,57 @@ int fuzz(int n, unsigned seed) {
   return fails ? 1 : 0;
 }
 
+// Random block-sparse configurations (block sizes, head dims, lengths, mask fields, GQA).
+int sparse_fuzz(int n, unsigned seed) {
+  std::mt19937 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  int fails = 0;
+  for (int it = 0; it < n; ++it) {
+    Cfg c;
+    c.B = pick(1, 2);
+    c.Hkv = pick(1, 2);
+    c.H = c.Hkv * pick(1, 2);
+    const int dims[] = {16, 32, 64, 80, 128, 192, 256};
+    c.D = c.Dv = dims[pick(0, 6)];
+    c.Sq = pick(1, 270);
+    c.Sk = pick(1, 270);
+    c.softcap = pick(0, 2) ? 0.0 : 1.0 + pick(0, 30);
+    c.dlse = pick(0, 2) == 0;
+    c.deterministic = pick(0, 1);
+    SparseCfg& s = c.sparse;
+    s.on = true;
+    s.bq = pick(0, 1) ? 128 : 64;
+    s.bk = pick(0, 1) ? 128 : 64;
+    s.per_batch = pick(0, 1);
+    s.per_head = pick(0, 1);
+    s.causal = pick(0, 1);
+    s.wl = pick(0, 1) ? -1 : pick(0, 150);
+    s.wr = pick(0, 1) ? -1 : pick(0, 150);
+    s.sink = pick(0, 1) ? 0 : pick(1, 70);
+    s.p_full = pick(0, 4) * 0.1;
+    s.p_partial = pick(1, 5) * 0.1;
+    s.empty_q_block = pick(0, 2) ? -1 : pick(0, (c.Sq - 1) / s.bq);
+    s.seed = unsigned(pick(0, 1 << 20));
+    char name[240];
+    std::snprintf(name, sizeof name,
+                  "sparse-fuzz%d B%d H%d/%d D%d S%d/%d blk%d,%d pb%d ph%d c%d w%d,%d sink%d full%.1f part%.1f "
+                  "empty%d sc%g dl%d det%d",
+                  it, c.B, c.H, c.Hkv, c.D, c.Sq, c.Sk, s.bq, s.bk, int(s.per_batch), int(s.per_head), int(s.causal),
+                  s.wl, s.wr, s.sink, s.p_full, s.p_partial, s.empty_q_block, c.softcap, int(c.dlse),
+                  int(c.deterministic));
+    fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
+                        : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
+  }
+  std::printf("%d failure(s)\n", fails);
+  return fails ? 1 : 0;
+}
+
 int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   if (only == "fuzz") return fuzz(argc > 2 ? std::atoi(argv[2]) : 50, argc > 3 ? unsigned(std::atoi(argv[3])) : 1u);
+  if (only == "sparse-fuzz")
+    return sparse_fuzz(argc > 2 ? std::atoi(argv[2]) : 20, argc > 3 ? unsigned(std::atoi(argv[3])) : 1u);
   int fails = 0;
   auto run = [&](const std::string& name, auto fn) {
     if (!only.empty() && name.find(only) == std::string::npos) return;
@@ -464,6 +629,110 @@ int main(int argc, char** argv) {
     c.causal = true;
     c.dlse = true;
     run("f16 d96 batch3 gqa causal dlse", [&] { return run_case<__half, 96>("f16 d96 batch3 gqa causal dlse", c); });
+  }
+  // Block-sparse: the forward CTA (128 rows for D <= 128, 64 above) covers two 64-row
+  // query blocks, one, or half of a 128-row block; key tiles (64, or 32 for D = 256) cut
+  // 64- and 128-key blocks.
+  {
+    Cfg c;
+    c.H = 4;
+    c.Hkv = 2;
+    c.Sq = 200;
+    c.Sk = 230;
+    c.sparse.on = true;
+    c.sparse.per_head = true;
+    c.sparse.causal = true;
+    c.sparse.sink = 5;
+    c.sparse.empty_q_block = 1;
+    run("sparse f16 d64 b64/64 gqa causal sink empty", [&] {
+      return run_case<__half, 64>("sparse f16 d64 b64/64 gqa causal sink empty", c);
+    });
+  }
+  {
+    Cfg c;
+    c.B = 2;
+    c.D = c.Dv = 128;
+    c.Sq = 260;
+    c.Sk = 190;
+    c.softcap = 5;
+    c.dlse = true;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = c.sparse.bk = 128;
+    c.sparse.per_batch = true;
+    c.sparse.wl = 40;
+    c.sparse.wr = 10;
+    run("sparse bf16 d128 b128/128 batch window softcap dlse det", [&] {
+      return run_case<__nv_bfloat16, 128>("sparse bf16 d128 b128/128 batch window softcap dlse det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 2;
+    c.Hkv = 2;
+    c.D = c.Dv = 256;
+    c.Sq = 150;
+    c.Sk = 100;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 128;
+    c.sparse.bk = 64;
+    c.sparse.causal = true;
+    run("sparse f16 d256 b128/64 causal det", [&] { return run_case<__half, 256>("sparse f16 d256 b128/64 causal det", c); });
+  }
+  {
+    Cfg c;
+    c.D = c.Dv = 192;
+    c.Sq = 100;
+    c.Sk = 300;
+    c.sparse.on = true;
+    c.sparse.bq = 64;
+    c.sparse.bk = 128;
+    c.sparse.wl = 60;
+    c.sparse.sink = 20;
+    run("sparse bf16 d192 b64/128 window sink", [&] {
+      return run_case<__nv_bfloat16, 192>("sparse bf16 d192 b64/128 window sink", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 3;
+    c.Hkv = 1;
+    c.D = c.Dv = 32;
+    c.Sq = 129;
+    c.Sk = 64;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 64;
+    c.sparse.bk = 128;
+    c.sparse.per_head = true;
+    c.sparse.causal = true;
+    c.sparse.wl = 7;
+    run("sparse f16 d32 b64/128 mqa causal window det", [&] {
+      return run_case<__half, 32>("sparse f16 d32 b64/128 mqa causal window det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.Sq = 70;
+    c.Sk = 90;
+    c.sparse.on = true;
+    c.sparse.p_full = c.sparse.p_partial = 0;  // nothing listed: out 0, lse -inf, gradients 0
+    run("sparse f16 d64 nothing listed", [&] { return run_case<__half, 64>("sparse f16 d64 nothing listed", c); });
+  }
+  {
+    Cfg c;
+    c.D = c.Dv = 96;
+    c.Sq = 256;
+    c.Sk = 200;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 128;
+    c.sparse.bk = 64;
+    c.sparse.p_full = 1;  // every tile listed (cut ones partial), no element mask: dense attention
+    run("sparse bf16 d96 b128/64 all listed det", [&] {
+      return run_case<__nv_bfloat16, 96>("sparse bf16 d96 b128/64 all listed det", c);
+    });
   }
   std::printf("%d failure(s)\n", fails);
   return fails ? 1 : 0;

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds and runs the host emulation of the CUDA flash attention kernels (no GPU needed).
-# Usage: tests/cuda_emulation/run.sh [case-name-substring]
+# Usage: tests/cuda_emulation/run.sh [case-name-substring | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 set -e
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cuda_inc=""

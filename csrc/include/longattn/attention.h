@@ -15,10 +15,15 @@
 
 namespace longattn {
 
-// Explicit key-block lists from a BlockMask (python/longattn/block_mask.py): for each
-// (batch|1, head|1, query block), sorted partial and full key blocks. Partial blocks get
-// the element mask (causal, window and sink tokens; bottom-right aligned); full blocks
-// none. Indices were validated where the mask was built and again by the binding.
+// Explicit block lists from a BlockMask (python/longattn/block_mask.py). Key side: for each
+// (batch|1, head|1, query block), sorted partial and full key blocks; query side (the
+// transposes, read by the CUDA backward): for each (batch|1, head|1, key block), sorted
+// partial and full query blocks. Partial blocks get the element mask (causal, window and
+// sink tokens; bottom-right aligned); full blocks none. Index rows hold num_k_blocks
+// (key side) or num_q_blocks (query side) slots. The binding checks shapes, dtypes and
+// devices, and every count and index of host-resident lists; device-resident lists were
+// validated where the BlockMask was built (the CUDA kernels also clamp what they read, so
+// invalid contents can give wrong numbers but never an out-of-bounds access).
 struct BlockSparseSchedule {
   const int32_t* kv_num = nullptr;  // (B|1, H|1, nQb) partial counts
   const int32_t* kv_idx = nullptr;  // (B|1, H|1, nQb, nKb)
@@ -26,6 +31,13 @@ struct BlockSparseSchedule {
   const int32_t* full_idx = nullptr;
   int64_t num_stride[3] = {};  // element strides over (batch, head, q block); 0 broadcasts
   int64_t idx_stride[3] = {};  // the same for the index arrays (the slot dim is contiguous)
+  const int32_t* q_num = nullptr;  // (B|1, H|1, nKb) partial counts (query side; may be null on the CPU)
+  const int32_t* q_idx = nullptr;  // (B|1, H|1, nKb, nQb)
+  const int32_t* full_q_num = nullptr;
+  const int32_t* full_q_idx = nullptr;
+  int64_t q_num_stride[3] = {};  // element strides over (batch, head, k block); 0 broadcasts
+  int64_t q_idx_stride[3] = {};
+  int64_t num_q_blocks = 0, num_k_blocks = 0;  // nQb = ceil(seqlen_q / block_q), nKb likewise
   int64_t block_q = 0, block_k = 0;
   bool causal = false;
   int64_t window_left = -1, window_right = -1, sink_tokens = 0;
