@@ -286,7 +286,9 @@ void run_plan(const std::vector<lin::Launch>& plan) {
         else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 128>(l.a); });
         else emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 256>(l.a); });
         break;
-      case lin::KernelKind::PrepDout: emu::launch(grid, l.threads, [&] { lin::linear_prep_dout_kernel<T>(l.x); }); break;
+      case lin::KernelKind::PrepDout:
+        emu::launch(grid, l.threads, [&] { lin::linear_prep_dout_kernel<T>(l.x); });
+        break;
       case lin::KernelKind::Finish: emu::launch(grid, l.threads, [&] { lin::linear_finish_kernel<T>(l.x); }); break;
       case lin::KernelKind::DecayScan: emu::launch(grid, l.threads, [&] { lin::linear_decay_scan_kernel(l.x); }); break;
     }
@@ -389,8 +391,13 @@ int main(int argc, char** argv) {
   { Cfg d = c; d.K = 80; d.V = 72; d.T = 40; d.decay = 2; run("K=80 (bucket 128) V=72 (two value tiles)", d, true); }
   { Cfg d = c; d.K = 16; d.V = 64; d.T = 30; d.normalize = true; d.fmap = 1; d.decay = 1; d.init = true;
     run("normalize V=64 (dK walk over V+1 keys)", d, true); }
+  { Cfg d = c; d.K = 200; d.V = 70; d.T = 75; d.H = 1; d.normalize = true; d.fmap = 1; d.decay = 2; d.init = true;
+    run("K=200 (bucket 256) normalize V=70 (two value tiles)", d); }
   { Cfg d = c; d.T = 5; d.force = 2; d.decay = 2; d.init = true; run("step T=5 gates init", d); }
-  { Cfg d = c; d.T = 3; d.force = 2; d.normalize = true; d.fmap = 1; d.init = true; d.V = 40; run("step normalize V=40", d); }
+  { Cfg d = c; d.T = 3; d.force = 2; d.normalize = true; d.fmap = 1; d.init = true; d.V = 40;
+    run("step normalize V=40", d); }
+  { Cfg d = c; d.T = 4; d.force = 2; d.K = 130; d.V = 33; d.H = 1; d.normalize = true; d.fmap = 2; d.init = true;
+    d.decay = 2; run("step K=130 (bucket 256) normalize V=33 (two tiles)", d); }
   { Cfg d = c; d.varlen = true; d.lens = {1, 3, 0, 2}; d.force = 2; d.decay = 1; d.init = true; run("step varlen", d); }
   std::printf("%d of %d cases failed\n", fails, runs);
   return fails ? 1 : 0;
