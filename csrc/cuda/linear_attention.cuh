@@ -181,6 +181,21 @@ __device__ __forceinline__ void load_operand(T* dst, const Operand& op, const Li
     const int r = c / CH, col = (c % CH) * 8;
     alignas(16) T tmp[8];
     const T* src = r < L ? row_ptr<T>(op.ptr, op.stride, it, mem_tok(a, it, t0 + r)) : nullptr;
+    T* dst8 = dst + r * LD + col;
+    if (src && col + 8 <= MEM && col0 + col + 8 <= op.dim &&
+        (reinterpret_cast<uintptr_t>(src + col0 + col) & 15u) == 0 && (ones_at < col || ones_at >= col + 8)) {
+      // Eight whole columns in one 16-byte load.
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + col0 + col);
+      if (op.fmap == 0 && op.mul == 1.f) {
+        *reinterpret_cast<uint4*>(dst8) = raw;
+        continue;
+      }
+      const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) tmp[e] = from_f<T>(op.mul * phi(op.fmap, to_f<T>(x[e])));
+      *reinterpret_cast<uint4*>(dst8) = *reinterpret_cast<const uint4*>(tmp);
+      continue;
+    }
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int tc = col + e, mc = col0 + tc;
@@ -189,7 +204,7 @@ __device__ __forceinline__ void load_operand(T* dst, const Operand& op, const Li
       if (r < L && tc == ones_at) x = 1.f;
       tmp[e] = from_f<T>(x);
     }
-    *reinterpret_cast<uint4*>(dst + r * LD + col) = *reinterpret_cast<const uint4*>(tmp);
+    *reinterpret_cast<uint4*>(dst8) = *reinterpret_cast<const uint4*>(tmp);
   }
 }
 

@@ -393,6 +393,8 @@ int main(int argc, char** argv) {
     run("normalize V=64 (dK walk over V+1 keys)", d, true); }
   { Cfg d = c; d.K = 200; d.V = 70; d.T = 75; d.H = 1; d.normalize = true; d.fmap = 1; d.decay = 2; d.init = true;
     run("K=200 (bucket 256) normalize V=70 (two value tiles)", d); }
+  { Cfg d = c; d.dfinal = false; d.normalize = true; d.fmap = 1; d.decay = 2; d.K = 20; d.V = 20;
+    run("no final-state gradient, normalize, gates, unaligned rows", d); }
   { Cfg d = c; d.T = 5; d.force = 2; d.decay = 2; d.init = true; run("step T=5 gates init", d); }
   { Cfg d = c; d.T = 3; d.force = 2; d.normalize = true; d.fmap = 1; d.init = true; d.V = 40;
     run("step normalize V=40", d); }
