@@ -8,6 +8,9 @@
 
 #include "checks.h"
 #include "longattn/errors.h"
+#if defined(LONGATTN_WITH_CUDA)
+#include "longattn/cuda_runtime_info.h"
+#endif
 #include "longattn/linear_attention.h"
 #include "longattn/tensor.h"
 #include "nvtx.h"
@@ -192,13 +195,45 @@ LinearAttentionParams make_params(const char* op, const TensorView& q, const Ten
   return p;
 }
 
-void cpu_only(const char* op, const TensorView& q) {
-  if (q.device != DeviceType::CPU)
-    raise(ErrorKind::NotImplemented, checks::cat(op, ": the CUDA kernel is not implemented yet; use CPU tensors"));
+// What the CUDA kernels support beyond the checks shared with the CPU.
+void check_cuda(const char* op, const LinearAttentionParams& p) {
+  using namespace checks;
+  LONGATTN_CHECK_TYPE(p.dtype == DType::Float16 || p.dtype == DType::BFloat16,
+                      cat(op, ": the CUDA kernels support float16 and bfloat16 q, k, v only, got ",
+                          dtype_name(p.dtype)));
+  LONGATTN_CHECK_VALUE(p.head_dim <= 256, cat(op, ": the CUDA kernels support head_dim up to 256, got ", p.head_dim));
+  const int64_t vmax = p.normalize ? 255 : 256;
+  LONGATTN_CHECK_VALUE(p.head_dim_v <= vmax, cat(op, ": the CUDA kernels support head_dim_v up to ", vmax,
+                                                  p.normalize ? " with normalize=True" : "", ", got ", p.head_dim_v));
+}
+
+// Runs `cpu_fn` or, for CUDA arrays, `cuda_fn(stream)`, turning a CUDA status into a
+// RuntimeError naming the kernel.
+template <typename CpuFn, typename CudaFn>
+void run_on_backend(const char* kernel, const TensorView& ref, uintptr_t stream, CpuFn cpu_fn, CudaFn cuda_fn) {
+  if (ref.device == DeviceType::CPU) {
+    py::gil_scoped_release nogil;
+    cpu_fn();
+    return;
+  }
+#if defined(LONGATTN_WITH_CUDA)
+  int status;
+  {
+    py::gil_scoped_release nogil;
+    cuda::DeviceGuard guard(ref.device_id);
+    status = cuda_fn(reinterpret_cast<void*>(stream));
+  }
+  if (status != 0) raise(ErrorKind::Runtime, checks::cat(kernel, " failed: ", cuda::error_string(status)));
+#else
+  (void)stream;
+  (void)cuda_fn;
+  raise(ErrorKind::Runtime, checks::cat(kernel, ": this build of longattn has no CUDA backend (built with "
+                                                "LONGATTN_CUDA=0 or without nvcc)"));
+#endif
 }
 
 void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,
-             const TensorView* final_state, const TensorView* final_z, const LinearArgs& a) {
+             const TensorView* final_state, const TensorView* final_z, const LinearArgs& a, uintptr_t stream) {
   const char* op = a.cu_seqlens ? "linear_attention (varlen)" : "linear_attention";
   LinearAttentionParams p = make_params(op, q, k, v, out, a);
   const int64_t N = p.batch, H = p.heads, K = p.head_dim, V = p.head_dim_v;
@@ -212,17 +247,25 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
   }
   p.final_state = final_state ? final_state->data : nullptr;
   p.final_z = final_z ? final_z->data : nullptr;
-  cpu_only(op, q);
+  if (q.device == DeviceType::CUDA) check_cuda(op, p);
   if (N * H == 0) return;
   NvtxRange range(op);
-  py::gil_scoped_release nogil;
-  cpu::linear_attention_forward(p);
+  run_on_backend(
+      "linear_attention_forward", q, stream, [&] { cpu::linear_attention_forward(p); },
+      [&](void* s) {
+#if defined(LONGATTN_WITH_CUDA)
+        return cuda::linear_attention_forward(p, s);
+#else
+        (void)s;
+        return 0;
+#endif
+      });
 }
 
 void backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& dout,
               const TensorView* d_final_state, const TensorView* d_final_z, const TensorView& dq, const TensorView& dk,
               const TensorView& dv, const TensorView* d_initial_state, const TensorView* d_initial_z,
-              const TensorView* d_log_decay, const LinearArgs& a) {
+              const TensorView* d_log_decay, const TensorView* workspace, const LinearArgs& a, uintptr_t stream) {
   using namespace checks;
   const char* op = a.cu_seqlens ? "linear_attention (varlen) backward" : "linear_attention backward";
   LinearAttentionGradParams g;
@@ -258,11 +301,51 @@ void backward(const TensorView& q, const TensorView& k, const TensorView& v, con
   g.d_final_z = p.normalize && d_final_z ? d_final_z->data : nullptr;
   g.d_initial_state = d_initial_state ? d_initial_state->data : nullptr;
   g.d_initial_z = p.normalize && d_initial_z ? d_initial_z->data : nullptr;
-  cpu_only(op, q);
+  if (q.device == DeviceType::CUDA) {
+    check_cuda(op, p);
+    LONGATTN_CHECK_VALUE(workspace != nullptr, cat(op, ": the CUDA backward needs a workspace"));
+    same_device(op, "workspace", *workspace, "q", q);
+    LONGATTN_CHECK_VALUE(contiguous(*workspace), cat(op, ": workspace must be contiguous"));
+    g.workspace = workspace->data;
+    g.workspace_bytes = workspace->numel() * dtype_size(workspace->dtype);
+    LONGATTN_CHECK_VALUE((reinterpret_cast<uintptr_t>(g.workspace) & 255u) == 0,
+                         cat(op, ": workspace must be 256-byte aligned"));
+  }
   if (N * H == 0) return;
   NvtxRange range(op);
-  py::gil_scoped_release nogil;
-  cpu::linear_attention_backward(g);
+  run_on_backend(
+      "linear_attention_backward", q, stream, [&] { cpu::linear_attention_backward(g); },
+      [&](void* s) {
+#if defined(LONGATTN_WITH_CUDA)
+        return cuda::linear_attention_backward(g, s);
+#else
+        (void)s;
+        return 0;
+#endif
+      });
+}
+
+// Bytes of CUDA backward workspace for these shapes (0 without the CUDA backend).
+int64_t backward_workspace_bytes(const TensorView& q, const TensorView& v, const TensorView* cu_seqlens,
+                                 bool normalize, bool needs_final_state) {
+  LinearAttentionGradParams g;
+  g.fwd.batch = cu_seqlens ? cu_seqlens->shape[0] - 1 : q.shape[0];
+  g.fwd.cu_seqlens = cu_seqlens ? static_cast<const int32_t*>(cu_seqlens->data) : nullptr;
+  g.fwd.seqlen = q.shape[1];
+  g.fwd.heads = q.shape[2];
+  g.fwd.head_dim = q.shape[3];
+  g.fwd.head_dim_v = v.shape[3];
+  g.fwd.normalize = normalize;
+  static float dummy;
+  if (needs_final_state) {
+    g.d_log_decay = &dummy;
+    g.d_final_state = &dummy;
+  }
+#if defined(LONGATTN_WITH_CUDA)
+  return cuda::linear_attention_backward_workspace(g);
+#else
+  return 0;
+#endif
 }
 
 }  // namespace
@@ -277,15 +360,16 @@ void register_linear_attention(py::module_& m) {
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,
              const TensorView* initial_state, const TensorView* initial_z, const TensorView* final_state,
              const TensorView* final_z, const TensorView* log_decay, const TensorView* cu_seqlens, double scale,
-             int feature_map, bool causal, bool normalize, int64_t chunk_size) {
+             int feature_map, bool causal, bool normalize, int64_t chunk_size, uintptr_t stream) {
         forward(q, k, v, out, final_state, final_z,
                 args(initial_state, initial_z, log_decay, cu_seqlens, scale, feature_map, causal, normalize,
-                     chunk_size));
+                     chunk_size),
+                stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out").none(true), py::arg("initial_state").none(true),
       py::arg("initial_z").none(true), py::arg("final_state").none(true), py::arg("final_z").none(true),
       py::arg("log_decay").none(true), py::arg("cu_seqlens").none(true), py::arg("scale"), py::arg("feature_map"),
-      py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"));
+      py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"), py::arg("stream") = uintptr_t(0));
   m.def(
       "linear_attention_backward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& dout,
@@ -293,17 +377,23 @@ void register_linear_attention(py::module_& m) {
              const TensorView& dv, const TensorView* d_initial_state, const TensorView* d_initial_z,
              const TensorView* d_log_decay, const TensorView* initial_state, const TensorView* initial_z,
              const TensorView* log_decay, const TensorView* cu_seqlens, double scale, int feature_map, bool causal,
-             bool normalize, int64_t chunk_size) {
+             bool normalize, int64_t chunk_size, const TensorView* workspace, uintptr_t stream) {
         backward(q, k, v, dout, d_final_state, d_final_z, dq, dk, dv, d_initial_state, d_initial_z, d_log_decay,
+                 workspace,
                  args(initial_state, initial_z, log_decay, cu_seqlens, scale, feature_map, causal, normalize,
-                      chunk_size));
+                      chunk_size),
+                 stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("d_final_state").none(true),
       py::arg("d_final_z").none(true), py::arg("dq"), py::arg("dk"), py::arg("dv"),
       py::arg("d_initial_state").none(true), py::arg("d_initial_z").none(true), py::arg("d_log_decay").none(true),
       py::arg("initial_state").none(true), py::arg("initial_z").none(true), py::arg("log_decay").none(true),
       py::arg("cu_seqlens").none(true), py::arg("scale"), py::arg("feature_map"), py::arg("causal"),
-      py::arg("normalize"), py::arg("chunk_size"));
+      py::arg("normalize"), py::arg("chunk_size"), py::arg("workspace").none(true) = nullptr,
+      py::arg("stream") = uintptr_t(0));
+  m.def("linear_attention_backward_workspace", &backward_workspace_bytes, py::arg("q"), py::arg("v"),
+        py::arg("cu_seqlens").none(true), py::arg("normalize"), py::arg("needs_final_state"),
+        "Bytes of workspace the CUDA linear attention backward needs (0 without the CUDA backend).");
 }
 
 }  // namespace longattn

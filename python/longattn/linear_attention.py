@@ -1,4 +1,4 @@
-"""Linear attention on CPU, chunked form, forward and backward, plus the recurrent step.
+"""Linear attention on CPU and CUDA, chunked form, forward and backward, plus the recurrent step.
 
 Linear attention (Katharopoulos et al. 2020) replaces softmax(q k^T) v by a running
 state S = sum_t k_t v_t^T, optionally decayed per head (RetNet, Sun et al. 2023) or per
@@ -15,6 +15,12 @@ masked quadratic product inside each chunk of `chunk_size` tokens and the state 
 across chunks, in float32 (float64 for float64 inputs). Decays enter only through
 differences of cumulative log-decays inside a chunk, so every exponent is <= 0 and
 nothing overflows at any sequence length.
+
+On CUDA (float16 / bfloat16, head_dim <= 256, head_dim_v <= 256, or <= 255 with
+normalize) the chunk products run on tensor cores with operands rounded to the input
+dtype and float32 accumulation, in fixed chunks of 64 tokens (`chunk_size` only affects
+the CPU kernels); decoding-sized calls run a recurrent step kernel. The CUDA kernels have
+been checked in host emulation (tests/cuda_emulation) but have not run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -63,16 +69,33 @@ def _view(a):
 
 
 def _host(x, dtype: str, name: str, op: str) -> Optional[_arrays.Array]:
-    """A contiguous host copy (or the array itself) of `x` in `dtype`, for non-torch callers."""
+    """A contiguous copy (or the array itself) of `x` in `dtype` on its own device, for
+    non-torch callers."""
     if x is None:
         return None
     a = _arrays.wrap(x, name, op)
-    if a.device != _arrays.CPU:
-        raise NotImplementedError(f"{op}: the CUDA kernels are not implemented yet; use CPU arrays")
     if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
         raise TypeError(f"{op}: {name} must hold floats, got {a.dtype}")
+    if a.device != _arrays.CPU:
+        if a.dtype == dtype and a.strides == _arrays._contiguous_strides(a.shape):
+            return a
+        if a.framework == "cupy":
+            import cupy
+
+            return _arrays.wrap(cupy.ascontiguousarray(x, dtype=dtype), name, op)
+        return _arrays.astype(a, dtype, name, op)
     host = np.ascontiguousarray(np.asarray(x), dtype=dtype)
     return _arrays.wrap(host, name, op)
+
+
+def _check_cu_device(cu, total: int, op: str) -> None:
+    """Device cu_seqlens are validated on a host copy before any kernel reads them (the CPU
+    ones by the compiled module)."""
+    if cu is None or cu.device == _arrays.CPU:
+        return
+    from .attention import _check_cu_seqlens_on_host
+
+    _check_cu_seqlens_on_host(cu, "cu_seqlens", total, op)
 
 
 def split_state(state, normalize: bool, name: str, op: str):
@@ -114,16 +137,25 @@ def forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, c
         raise ValueError(f"{op}: q, k, v must have 4 dims (batch, seqlen, heads, head_dim), got q {qa.shape}, "
                          f"v {va.shape}")
     n = qa.shape[0] if cu is None else cu.shape[0] - 1
+    _check_cu_device(cu, qa.shape[1], op)
     cd = compute_dtype(qa.dtype)
     out = _arrays.empty(qa, va.shape)
     S = final_S if final_S is not None else _arrays.empty(qa, (n, qa.shape[2], qa.shape[3], va.shape[3]), cd)
     z = None
     if normalize:
         z = final_z if final_z is not None else _arrays.empty(qa, (n, qa.shape[2], qa.shape[3]), cd)
+    # On CUDA every value tile of a (sequence, head) reads z, so an in-place update of z
+    # goes through a fresh buffer.
+    z_alias = (z is not None and z0 is not None and qa.device != _arrays.CPU and final_z is not None
+               and za.ptr == _arrays.wrap(z, "final_state", op).ptr)
+    zk = _arrays.empty(qa, (n, qa.shape[2], qa.shape[3]), cd) if z_alias else z
     _C.linear_attention_forward(qa.view(), ka.view(), va.view(), _arrays.wrap(out, "out", op).view(), _view(sa),
                                 _view(za), _arrays.wrap(S, "final_state", op).view(),
-                                None if z is None else _arrays.wrap(z, "final_state", op).view(), _view(ga), _view(cu),
-                                scale, feature_map, causal, normalize, chunk_size)
+                                None if zk is None else _arrays.wrap(zk, "final_state", op).view(), _view(ga),
+                                _view(cu), scale, feature_map, causal, normalize, chunk_size,
+                                _arrays.stream_of(qa, None))
+    if z_alias:
+        z[...] = zk
     return out, S, z
 
 
@@ -140,6 +172,7 @@ def backward_arrays(dout, dS, dz, q, k, v, log_decay, S0, z0, cu_seqlens, scale,
                                                       (dz, "d_final_z")))
     cu = _cu(cu_seqlens, op)
     n = qa.shape[0] if cu is None else cu.shape[0] - 1
+    _check_cu_device(cu, qa.shape[1], op)
     cd = compute_dtype(qa.dtype)
     dq, dk, dv = (_arrays.empty(a, a.shape) for a in (qa, ka, va))
     H, K, V = qa.shape[2], qa.shape[3], va.shape[3]
@@ -148,6 +181,11 @@ def backward_arrays(dout, dS, dz, q, k, v, log_decay, S0, z0, cu_seqlens, scale,
     if not normalize:
         dz0[...] = 0
     dg = None if log_decay is None else _arrays.empty(qa, (qa.shape[0], qa.shape[1], H), cd)
+    ws = None
+    if qa.device != _arrays.CPU:
+        needs_final = dg is not None and (dsa is not None or (normalize and dza is not None))
+        nbytes = _C.linear_attention_backward_workspace(qa.view(), va.view(), _view(cu), normalize, needs_final)
+        ws = _arrays.wrap(_arrays.empty(qa, (max(nbytes, 4) // 4,), "float32"), "workspace", op)
     _C.linear_attention_backward(qa.view(), ka.view(), va.view(), da.view(), _view(dsa),
                                  _view(dza) if normalize else None, _arrays.wrap(dq, "dq", op).view(),
                                  _arrays.wrap(dk, "dk", op).view(), _arrays.wrap(dv, "dv", op).view(),
@@ -155,7 +193,7 @@ def backward_arrays(dout, dS, dz, q, k, v, log_decay, S0, z0, cu_seqlens, scale,
                                  _arrays.wrap(dz0, "d_initial_z", op).view() if normalize else None,
                                  None if dg is None else _arrays.wrap(dg, "d_log_decay", op).view(), _view(sa),
                                  _view(za) if normalize else None, _view(ga), _view(cu), scale, feature_map, causal,
-                                 normalize, chunk_size)
+                                 normalize, chunk_size, _view(ws), _arrays.stream_of(qa, None))
     return dq, dk, dv, dS0, dz0, dg
 
 
@@ -190,7 +228,10 @@ def linear_attention(q, k, v, *, causal: bool = True, scale: Optional[float] = N
             Any strides with a contiguous last dim. CPU dtypes float32, float64, float16,
             bfloat16; the state, normalizer and decay arithmetic is float32 (float64 for
             float64 inputs). Torch tensors, NumPy arrays (bfloat16 via ml_dtypes) or JAX
-            CPU arrays.
+            CPU arrays; on CUDA (torch, CuPy or Numba arrays, launched on the current
+            stream) float16 or bfloat16 with head_dim <= 256 and head_dim_v <= 256
+            (<= 255 with normalize). The CUDA kernels have not run on a GPU yet: they are
+            checked in host emulation only.
         causal: o_t = S_t^T q~_t with S_t = exp(g_t) S_{t-1} + k~_t v_t^T (default). False:
             every token reads the state summed over the whole sequence (plus initial_state).
         scale: multiplies q after the feature map; default head_dim ** -0.5.
@@ -199,7 +240,8 @@ def linear_attention(q, k, v, *, causal: bool = True, scale: Optional[float] = N
             running (decayed) sum of the feature-mapped keys.
         log_decay: None; a per-head constant (heads,) (RetNet: log(1 - 2^(-5-h))); or
             per-token gates (batch, seqlen, heads). Values must be finite and <= 0
-            (ValueError otherwise); needs causal=True.
+            (ValueError otherwise on CPU; on CUDA they are not checked, which would
+            need a device synchronization); needs causal=True.
         initial_state: the state of a previous call, S float32 (batch, heads, head_dim,
             head_dim_v) (float64 for float64 inputs), or the pair (S, z) with normalize,
             z (batch, heads, head_dim). Running tokens [0:T1] and then [T1:T] with the
@@ -210,7 +252,7 @@ def linear_attention(q, k, v, *, causal: bool = True, scale: Optional[float] = N
             count). States are then per sequence (num_sequences, heads, ...), and per-token
             log_decay is (1, total_tokens, heads).
         chunk_size: tokens per chunk of the chunked form, 1..1024 (default 64). The result
-            does not depend on it beyond rounding.
+            does not depend on it beyond rounding. CUDA always uses chunks of 64 tokens.
 
     Returns:
         out (batch, seqlen, heads, head_dim_v) in q's dtype; with return_state, (out, state).

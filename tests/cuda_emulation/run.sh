@@ -1,6 +1,8 @@
 #!/bin/sh
-# Builds and runs the host emulation of the CUDA flash attention kernels (no GPU needed).
+# Builds and runs the host emulation of the CUDA kernels (no GPU needed).
 # Usage: tests/cuda_emulation/run.sh [case-name-substring | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
+#                                                                   flash attention
+#        tests/cuda_emulation/run.sh linear [case-name-substring]   linear attention
 set -e
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cuda_inc=""
@@ -9,7 +11,9 @@ for d in "${CUDA_HOME:-}" "$nvcc_root" /usr/local/cuda /usr/local/cuda-*; do
   if [ -n "$d" ] && [ -f "$d/include/cuda_bf16.h" ]; then cuda_inc=$d/include; break; fi
 done
 [ -n "$cuda_inc" ] || { echo "CUDA headers not found; set CUDA_HOME" >&2; exit 1; }
-out=${TMPDIR:-/tmp}/longattn_flash_emulate
+test=flash
+if [ "${1:-}" = linear ]; then test=linear; shift; fi
+out=${TMPDIR:-/tmp}/longattn_${test}_emulate
 g++ -std=c++20 -O2 -pthread -I"$cuda_inc" -I"$root/csrc/include" -I"$root/csrc/cuda" \
-  -Wno-attributes "$root/tests/cuda_emulation/flash_emulate_test.cpp" -o "$out"
+  -Wno-attributes "$root/tests/cuda_emulation/${test}_emulate_test.cpp" -o "$out"
 exec "$out" "$@"

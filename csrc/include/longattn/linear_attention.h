@@ -72,11 +72,27 @@ struct LinearAttentionGradParams {
   void* d_initial_z = nullptr;
   void* d_log_decay = nullptr;  // per token (batch, token, head), compute dtype; null: not needed
   int64_t dg_stride[3] = {};
+  // CUDA only: scratch of at least cuda::linear_attention_backward_workspace(*this) bytes,
+  // 256-byte aligned, allocated by the caller.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 namespace cpu {
 void linear_attention_forward(const LinearAttentionParams& p);
 void linear_attention_backward(const LinearAttentionGradParams& g);
 }  // namespace cpu
+
+namespace cuda {
+// float16 / bfloat16, head_dim <= 256, head_dim_v <= 256 (<= 255 with normalize), sm80+;
+// chunks of 64 tokens whatever chunk_size says. Causal calls whose sequences are all at
+// most 8 tokens long (on average, for packed batches) run the recurrent step kernel.
+// final_z must not alias initial_z when head_dim_v > 32 (value tiles share z). Launch on
+// `stream` (a cudaStream_t) without synchronizing; return the cudaError_t as int.
+int linear_attention_forward(const LinearAttentionParams& p, void* stream);
+int linear_attention_backward(const LinearAttentionGradParams& g, void* stream);
+// Bytes of float32 scratch the backward needs (g.workspace).
+int64_t linear_attention_backward_workspace(const LinearAttentionGradParams& g);
+}  // namespace cuda
 
 }  // namespace longattn

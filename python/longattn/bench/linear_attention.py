@@ -1,5 +1,13 @@
-"""Linear attention benchmark: ``longattn.linear_attention`` against a chunked torch
-implementation.
+"""Linear attention benchmark: ``longattn.linear_attention`` against flash-linear-attention
+(CUDA, when ``import fla`` works) or a chunked torch implementation.
+
+On CUDA the workload of the linear-attention issue runs: bfloat16, B=4, H=16, K=V=128,
+T=16384, causal, without and with RetNet per-head decay. Its GB/s count the ideal DRAM
+traffic (q, k, v read, out written; the backward adds dout read and dq, dk, dv written),
+and the harness prints the device copy bandwidth beside them as the bound. The peer there
+is flash-linear-attention's Triton chunk kernel (``fla.ops.simple_gla.chunk_simple_gla``,
+per-token gates holding the per-head decay); without fla the torch chunked form stands in
+and a "peer unavailable" note is printed.
 
 The peer is the chunked form written with torch matmuls (what a user without a fused
 kernel would write, as in flash-linear-attention's reference `chunk` code): per chunk of
@@ -52,6 +60,31 @@ def forward_flops(B: int, S: int, H: int, K: int, V: int) -> float:
     return 2.0 * B * H * S * (CHUNK * K + CHUNK * V + 2 * K * V)
 
 
+def fla_chunk():
+    """flash-linear-attention's chunk kernel as f(q, k, v, log_decay_or_None), or None."""
+    try:
+        import inspect
+
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # not installed, or no Triton / GPU
+        return None
+    extra = {"head_first": False} if "head_first" in inspect.signature(chunk_simple_gla).parameters else {}
+
+    def run(q, k, v, log_decay):
+        import torch
+
+        g = None
+        if log_decay is not None:
+            g = log_decay.view(1, 1, -1).expand(q.shape[0], q.shape[1], -1).to(torch.float32).contiguous()
+        o, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=q.shape[-1] ** -0.5, **extra)
+        return o
+
+    return run
+
+
+_PEER_NOTE_SHOWN = []
+
+
 def _setup(settings: Settings, B: int, S: int, H: int, D: int, decay: str) -> list[Workload]:
     import torch
 
@@ -68,8 +101,18 @@ def _setup(settings: Settings, B: int, S: int, H: int, D: int, decay: str) -> li
     def ours_fwd():
         return longattn.linear_attention(q, k, v, log_decay=g)
 
+    peer = torch_chunked
+    if dev == "cuda":
+        peer = fla_chunk()
+        if peer is None:
+            peer = torch_chunked
+            if not _PEER_NOTE_SHOWN:
+                _PEER_NOTE_SHOWN.append(True)
+                print("linear_attention: peer unavailable: flash-linear-attention (fla) is not importable here; "
+                      "the peer column is the chunked torch implementation")
+
     def peer_fwd():
-        return torch_chunked(q, k, v, g)
+        return peer(q, k, v, g)
 
     def fwd_bwd(fn):
         def run():
@@ -84,12 +127,20 @@ def _setup(settings: Settings, B: int, S: int, H: int, D: int, decay: str) -> li
         return compare_outputs(ours_out, peer_out, settings.dtype)
 
     flops = forward_flops(B, S, H, D, D)
+    tensor_bytes = B * S * H * D * q.element_size()
     ours_fb = fwd_bwd(lambda q_, k_, v_, g_: longattn.linear_attention(q_, k_, v_, log_decay=g_))
-    return [Workload("fwd", ours_fwd, peer_fwd, flops=flops, compare=compare),
-            Workload("fwd+bwd", ours_fb, fwd_bwd(torch_chunked), flops=3.5 * flops, compare=compare)]
+    # Bandwidth bound on CUDA: q, k, v read and out written (+ dout read, dq, dk, dv written).
+    fwd_bytes, fb_bytes = (4 * tensor_bytes, 11 * tensor_bytes) if dev == "cuda" else (None, None)
+    return [Workload("fwd", ours_fwd, peer_fwd, bytes=fwd_bytes, flops=flops, compare=compare),
+            Workload("fwd+bwd", ours_fb, fwd_bwd(peer), bytes=fb_bytes, flops=3.5 * flops, compare=compare)]
 
 
 def _cases(settings: Settings) -> list[Case]:
+    if settings.device == "cuda" and settings.size != "quick":  # the issue's H100 workload
+        b, h, d, s = 4, 16, 128, 16384
+        return [Case({"B": b, "S": s, "H": h, "D": d, "decay": decay},
+                     lambda decay=decay: _setup(settings, b, s, h, d, decay))
+                for decay in ("none", "per-head")]
     b, h, d = (1, 2, 32) if settings.size == "quick" else (1, 8, 64)
     return [Case({"B": b, "S": s, "H": h, "D": d, "decay": decay},
                  lambda s=s, decay=decay: _setup(settings, b, s, h, d, decay))
@@ -99,16 +150,24 @@ def _cases(settings: Settings) -> list[Case]:
 def _versions() -> dict:
     import torch
 
-    return {"torch": torch.__version__}
+    versions = {"torch": torch.__version__}
+    try:
+        import fla
+
+        versions["fla"] = getattr(fla, "__version__", "unknown")
+    except Exception:
+        versions["fla"] = "unavailable"
+    return versions
 
 
 register(Entry(
     name="linear_attention",
     description="causal linear attention (B, S, H, D), no decay and RetNet per-head decay, forward and "
-                "forward+backward; TFLOP/s of the chunked form",
-    peer="chunked linear attention written with torch matmuls (64-token chunks), torch autograd backward",
+                "forward+backward; TFLOP/s of the chunked form, and on CUDA GB/s against the copy bandwidth",
+    peer="CUDA: flash-linear-attention chunk_simple_gla when `import fla` works; otherwise (and on CPU) "
+         "chunked linear attention written with torch matmuls (64-token chunks), torch autograd backward",
     sweep="S",
     cases=_cases,
-    default_dtype={"cpu": "float32", "cuda": "float32"},
+    default_dtype={"cpu": "float32", "cuda": "bfloat16"},
     versions=_versions,
 ))

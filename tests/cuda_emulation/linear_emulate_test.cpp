@@ -1,0 +1,406 @@
+// Runs the CUDA linear attention kernels (csrc/cuda/linear_attention.cuh: chunk, step and
+// the backward plan) on the host through flash_emulate.h and compares them with a float64
+// token-recurrence reference whose gradients come from the reverse recurrence
+// (d g_t = exp(g_t) <U_t, S_{t-1}>), not from the chunked formulas the kernels use.
+// For checking kernel indexing on machines without a GPU; tests/test_linear_attention_cuda.py
+// holds the GPU tests. Build and run: tests/cuda_emulation/run.sh linear [case-substring]
+#define LONGATTN_FLASH_EMULATE 1
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "linear_attention.cuh"
+
+using namespace longattn;
+using namespace longattn::cuda::flash;
+namespace lin = longattn::cuda::linear;
+
+struct Cfg {
+  int B = 1, H = 2, T = 70, K = 16, V = 24;
+  bool causal = true, normalize = false, varlen = false, init = false, dfinal = true;
+  int decay = 0;  // 0 none, 1 per head, 2 per token
+  double strength = 0.3;  // per-token gates in [-strength, 0]
+  int fmap = 0;
+  int force = 0;  // forward kernel: 0 auto, 1 chunk, 2 step
+  std::vector<int> lens;
+};
+
+template <typename T>
+struct Run {
+  Cfg c;
+  int N;          // sequences
+  int64_t Ttot;   // tokens per batch row (packed total when varlen)
+  int brows;
+  std::vector<T> q, k, v, o, dout, dq, dk, dv;
+  std::vector<float> g, S0, z0, S1, z1, dS, dz, dS0, dz0, dg;
+  std::vector<int32_t> cu;
+  LinearAttentionParams p;
+
+  int len(int n) const { return c.varlen ? cu[n + 1] - cu[n] : c.T; }
+  int64_t tok0(int n) const { return c.varlen ? cu[n] : 0; }
+  int brow(int n) const { return c.varlen ? 0 : n; }
+  int64_t idx(int n, int64_t t, int h, int d, int D) const {
+    return ((int64_t(brow(n)) * Ttot + tok0(n) + t) * c.H + h) * D + d;
+  }
+  int64_t gidx(int n, int64_t t, int h) const {
+    if (c.decay == 1) return h;
+    return (int64_t(brow(n)) * Ttot + tok0(n) + t) * c.H + h;
+  }
+
+  explicit Run(const Cfg& cfg) : c(cfg) {
+    std::mt19937 rng(42);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::uniform_real_distribution<float> ud(0.f, 1.f);
+    if (c.varlen) {
+      cu = {0};
+      for (int l : c.lens) cu.push_back(cu.back() + l);
+      N = int(c.lens.size());
+      Ttot = cu.back();
+      brows = 1;
+    } else {
+      N = c.B;
+      Ttot = c.T;
+      brows = c.B;
+    }
+    const int64_t rows = brows * Ttot * c.H;
+    auto fill = [&](std::vector<T>& x, int64_t n, float s) {
+      x.resize(size_t(n));
+      for (auto& e : x) e = T(nd(rng) * s);
+    };
+    // Normalize needs positive features; elu1 / relu give them, identity uses |q|, |k|.
+    fill(q, rows * c.K, 1.f);
+    fill(k, rows * c.K, 1.f);
+    if (c.normalize && c.fmap == 0)
+      for (auto* x : {&q, &k})
+        for (auto& e : *x) e = T(std::fabs(float(e)) + 0.1f);
+    fill(v, rows * c.V, 1.f);
+    fill(dout, rows * c.V, 1.f);
+    o.assign(size_t(rows * c.V), T(7.f));
+    dq.assign(size_t(rows * c.K), T(7.f));
+    dk.assign(size_t(rows * c.K), T(7.f));
+    dv.assign(size_t(rows * c.V), T(7.f));
+    if (c.decay == 1) {
+      g.resize(size_t(c.H));
+      for (int h = 0; h < c.H; ++h) g[h] = float(std::log1p(-std::pow(2.0, -1.0 - h)));
+    } else if (c.decay == 2) {
+      g.resize(size_t(rows / 1));
+      g.resize(size_t(brows * Ttot * c.H));
+      for (auto& e : g) e = -float(c.strength) * ud(rng);
+    }
+    const int64_t SN = int64_t(N) * c.H;
+    auto ffill = [&](std::vector<float>& x, int64_t n, float s, bool pos) {
+      x.resize(size_t(n));
+      for (auto& e : x) e = pos ? std::fabs(nd(rng)) * s : nd(rng) * s;
+    };
+    if (c.init) {
+      ffill(S0, SN * c.K * c.V, 1.f, false);
+      ffill(z0, SN * c.K, 1.f, true);
+    }
+    S1.assign(size_t(SN * c.K * c.V), 7.f);
+    z1.assign(size_t(SN * c.K), 7.f);
+    if (c.dfinal) {
+      ffill(dS, SN * c.K * c.V, 0.3f, false);
+      ffill(dz, SN * c.K, 0.3f, false);
+    }
+    dS0.assign(size_t(SN * c.K * c.V), 7.f);
+    dz0.assign(size_t(SN * c.K), 7.f);
+    dg.assign(size_t(brows * Ttot * c.H), 7.f);
+
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.out = o.data();
+    p.dtype = std::is_same_v<T, __half> ? DType::Float16 : DType::BFloat16;
+    p.batch = N;
+    p.heads = c.H;
+    p.head_dim = c.K;
+    p.head_dim_v = c.V;
+    p.seqlen = Ttot;
+    auto st = [&](int64_t* s, int D) {
+      s[0] = c.varlen ? 0 : Ttot * c.H * D;
+      s[1] = int64_t(c.H) * D;
+      s[2] = D;
+    };
+    st(p.q_stride, c.K);
+    st(p.k_stride, c.K);
+    st(p.v_stride, c.V);
+    st(p.out_stride, c.V);
+    p.cu_seqlens = c.varlen ? cu.data() : nullptr;
+    p.scale = 1.0 / std::sqrt(double(c.K));
+    p.feature_map = FeatureMap(c.fmap);
+    p.causal = c.causal;
+    p.normalize = c.normalize;
+    if (c.decay) {
+      p.log_decay = g.data();
+      if (c.decay == 1) {
+        p.g_stride[0] = p.g_stride[1] = 0;
+        p.g_stride[2] = 1;
+      } else {
+        p.g_stride[0] = c.varlen ? 0 : Ttot * c.H;
+        p.g_stride[1] = c.H;
+        p.g_stride[2] = 1;
+      }
+    }
+    p.initial_state = c.init ? S0.data() : nullptr;
+    p.initial_z = c.init && c.normalize ? z0.data() : nullptr;
+    p.final_state = S1.data();
+    p.final_z = c.normalize ? z1.data() : nullptr;
+  }
+
+  static double phi(int f, double x) { return f == 1 ? (x > 0 ? x + 1 : std::exp(x)) : f == 2 ? (x > 0 ? x : 0) : x; }
+  static double dphi(int f, double x) { return f == 1 ? (x > 0 ? 1 : std::exp(x)) : f == 2 ? (x > 0 ? 1 : 0) : 1; }
+
+  // float64 token recurrence with V' = V + normalize columns; gradients by the reverse
+  // recurrence.
+  void reference(std::vector<double>& ro, std::vector<double>& rS, std::vector<double>& rz, std::vector<double>& rdq,
+                 std::vector<double>& rdk, std::vector<double>& rdv, std::vector<double>& rdS0,
+                 std::vector<double>& rdz0, std::vector<double>& rdg) const {
+    const int K = c.K, V = c.V, Vc = V + (c.normalize ? 1 : 0);
+    const int64_t rows = brows * Ttot * c.H;
+    ro.assign(size_t(rows * V), 0);
+    rdq.assign(size_t(rows * K), 0);
+    rdk.assign(size_t(rows * K), 0);
+    rdv.assign(size_t(rows * V), 0);
+    rdg.assign(size_t(brows * Ttot * c.H), 0);
+    rS.assign(size_t(N * c.H * K * V), 0);
+    rz.assign(size_t(N * c.H * K), 0);
+    rdS0 = rS;
+    rdz0 = rz;
+    const double sc = p.scale;
+    for (int n = 0; n < N; ++n)
+      for (int h = 0; h < c.H; ++h) {
+        const int Tn = len(n);
+        const int64_t it = int64_t(n) * c.H + h;
+        auto Q = [&](int t, int d) { return sc * phi(c.fmap, double(float(q[idx(n, t, h, d, K)]))); };
+        auto Kf = [&](int t, int d) { return phi(c.fmap, double(float(k[idx(n, t, h, d, K)]))); };
+        auto Vf = [&](int t, int e) { return e < V ? double(float(v[idx(n, t, h, e, V)])) : 1.0; };
+        auto A = [&](int t) { return c.decay ? std::exp(double(g[gidx(n, t, h)])) : 1.0; };
+        std::vector<double> S0d(size_t(K * Vc), 0);
+        if (c.init)
+          for (int r = 0; r < K; ++r) {
+            for (int e = 0; e < V; ++e) S0d[r * Vc + e] = S0[it * K * V + r * V + e];
+            if (c.normalize) S0d[r * Vc + V] = z0[it * K + r];
+          }
+        // states S_t after token t (index t + 1; index 0 = initial)
+        std::vector<std::vector<double>> Ss(size_t(Tn + 1), S0d);
+        std::vector<double> Sfull = S0d;
+        if (!c.causal)
+          for (int t = 0; t < Tn; ++t)
+            for (int r = 0; r < K; ++r)
+              for (int e = 0; e < Vc; ++e) Sfull[r * Vc + e] += Kf(t, r) * Vf(t, e);
+        for (int t = 0; t < Tn; ++t) {
+          auto& S = Ss[t + 1];
+          S = Ss[t];
+          if (c.causal)
+            for (int r = 0; r < K; ++r)
+              for (int e = 0; e < Vc; ++e) S[r * Vc + e] = A(t) * S[r * Vc + e] + Kf(t, r) * Vf(t, e);
+        }
+        const std::vector<double>& Sfin = c.causal ? Ss[Tn] : Sfull;
+        for (int r = 0; r < K; ++r) {
+          for (int e = 0; e < V; ++e) rS[it * K * V + r * V + e] = Sfin[r * Vc + e];
+          if (c.normalize) rz[it * K + r] = Sfin[r * Vc + V];
+        }
+        // outputs and dO'
+        std::vector<double> dO(size_t(Tn * Vc), 0);
+        for (int t = 0; t < Tn; ++t) {
+          const auto& S = c.causal ? Ss[t + 1] : Sfull;
+          std::vector<double> op(size_t(Vc), 0);
+          for (int e = 0; e < Vc; ++e)
+            for (int r = 0; r < K; ++r) op[e] += Q(t, r) * S[r * Vc + e];
+          const double inv = c.normalize ? 1.0 / (op[V] + 1e-10) : 1.0;
+          double dot = 0;
+          for (int e = 0; e < V; ++e) {
+            ro[idx(n, t, h, e, V)] = op[e] * inv;
+            const double d = double(float(dout[idx(n, t, h, e, V)])) * inv;
+            dO[t * Vc + e] = d;
+            dot += d * op[e];
+          }
+          if (c.normalize) dO[t * Vc + V] = -dot * inv;
+        }
+        // adjoint of the final state
+        std::vector<double> U(size_t(K * Vc), 0);
+        if (c.dfinal)
+          for (int r = 0; r < K; ++r) {
+            for (int e = 0; e < V; ++e) U[r * Vc + e] = dS[it * K * V + r * V + e];
+            if (c.normalize) U[r * Vc + V] = dz[it * K + r];
+          }
+        if (!c.causal) {
+          for (int t = 0; t < Tn; ++t)
+            for (int r = 0; r < K; ++r)
+              for (int e = 0; e < Vc; ++e) U[r * Vc + e] += Q(t, r) * dO[t * Vc + e];
+        }
+        for (int t = Tn - 1; t >= 0; --t) {
+          const auto& S = c.causal ? Ss[t + 1] : Sfull;
+          if (c.causal) {
+            if (t < Tn - 1)
+              for (auto& x : U) x *= A(t + 1);
+            for (int r = 0; r < K; ++r)
+              for (int e = 0; e < Vc; ++e) U[r * Vc + e] += Q(t, r) * dO[t * Vc + e];
+          }
+          for (int r = 0; r < K; ++r) {
+            double dqs = 0, dks = 0;
+            for (int e = 0; e < Vc; ++e) {
+              dqs += S[r * Vc + e] * dO[t * Vc + e];
+              dks += U[r * Vc + e] * Vf(t, e);
+            }
+            rdq[idx(n, t, h, r, K)] = dqs * sc * dphi(c.fmap, double(float(q[idx(n, t, h, r, K)])));
+            rdk[idx(n, t, h, r, K)] = dks * dphi(c.fmap, double(float(k[idx(n, t, h, r, K)])));
+          }
+          for (int e = 0; e < V; ++e) {
+            double s = 0;
+            for (int r = 0; r < K; ++r) s += U[r * Vc + e] * Kf(t, r);
+            rdv[idx(n, t, h, e, V)] = s;
+          }
+          if (c.decay) {  // d g_t = a_t <U_t, S_{t-1}>
+            double s = 0;
+            for (int i = 0; i < K * Vc; ++i) s += U[i] * Ss[t][i];
+            rdg[(int64_t(brow(n)) * Ttot + tok0(n) + t) * c.H + h] = A(t) * s;
+          }
+        }
+        if (c.causal && Tn > 0)
+          for (auto& x : U) x *= A(0);
+        for (int r = 0; r < K; ++r) {
+          for (int e = 0; e < V; ++e) rdS0[it * K * V + r * V + e] = U[r * Vc + e];
+          if (c.normalize) rdz0[it * K + r] = U[r * Vc + V];
+        }
+      }
+  }
+};
+
+emu::Dim3 G(unsigned x, unsigned y) { return {x, y, 1}; }
+
+template <typename T>
+void run_plan(const std::vector<lin::Launch>& plan) {
+  for (const lin::Launch& l : plan) {
+    const emu::Dim3 grid = G(l.gx, l.gy);
+    switch (l.kind) {
+      case lin::KernelKind::Chunk:
+        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 64>(l.a); });
+        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 128>(l.a); });
+        else emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 256>(l.a); });
+        break;
+      case lin::KernelKind::Step:
+        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 64>(l.a); });
+        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 128>(l.a); });
+        else emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 256>(l.a); });
+        break;
+      case lin::KernelKind::PrepDout:
+        emu::launch(grid, l.threads, [&] { lin::linear_prep_dout_kernel<T>(l.x); });
+        break;
+      case lin::KernelKind::Finish: emu::launch(grid, l.threads, [&] { lin::linear_finish_kernel<T>(l.x); }); break;
+      case lin::KernelKind::DecayScan: emu::launch(grid, l.threads, [&] { lin::linear_decay_scan_kernel(l.x); }); break;
+    }
+  }
+}
+
+template <typename X>
+double err(const std::vector<X>& x, const std::vector<double>& r, double& scale) {
+  double e = 0;
+  scale = 0;
+  for (size_t i = 0; i < r.size(); ++i) {
+    const double xv = double(float(x[i]));
+    e = std::max(e, std::isnan(xv) ? INFINITY : std::abs(xv - r[i]));
+    scale = std::max(scale, std::abs(r[i]));
+  }
+  return e;
+}
+
+template <typename T>
+bool run_case(const std::string& name, const Cfg& cfg) {
+  Run<T> R(cfg);
+  std::vector<double> ro, rS, rz, rdq, rdk, rdv, rdS0, rdz0, rdg;
+  R.reference(ro, rS, rz, rdq, rdk, rdv, rdS0, rdz0, rdg);
+  const double tol = std::is_same_v<T, __half> ? 1e-2 : 4e-2;  // of the reference's max |x|
+  bool ok = true;
+  double worst = 0;
+  auto check = [&](const char* what, const auto& x, const std::vector<double>& r) {
+    double s;
+    const double e = err(x, r, s);
+    const double rel = e / std::max(s, 1e-6);
+    const bool good = rel <= tol;
+    worst = std::max(worst, rel);
+    if (!good) std::printf("  %s: max err %.3g (%.3g of max |ref| %.3g)\n", what, e, rel, s);
+    ok = ok && good;
+  };
+  run_plan<T>(lin::plan_forward(R.p, cfg.force));
+  check("out", R.o, ro);
+  check("final S", R.S1, rS);
+  if (cfg.normalize) check("final z", R.z1, rz);
+
+  if (cfg.force != 2) {
+    LinearAttentionGradParams g;
+    g.fwd = R.p;
+    g.fwd.out = nullptr;
+    g.fwd.final_state = g.fwd.final_z = nullptr;
+    g.dout = R.dout.data();
+    std::copy(R.p.out_stride, R.p.out_stride + 3, g.dout_stride);
+    g.d_final_state = cfg.dfinal ? R.dS.data() : nullptr;
+    g.d_final_z = cfg.dfinal && cfg.normalize ? R.dz.data() : nullptr;
+    g.dq = R.dq.data();
+    g.dk = R.dk.data();
+    g.dv = R.dv.data();
+    std::copy(R.p.q_stride, R.p.q_stride + 3, g.dq_stride);
+    std::copy(R.p.k_stride, R.p.k_stride + 3, g.dk_stride);
+    std::copy(R.p.v_stride, R.p.v_stride + 3, g.dv_stride);
+    g.d_initial_state = R.dS0.data();
+    g.d_initial_z = cfg.normalize ? R.dz0.data() : nullptr;
+    if (cfg.decay) {
+      g.d_log_decay = R.dg.data();
+      g.dg_stride[0] = cfg.varlen ? 0 : R.Ttot * cfg.H;
+      g.dg_stride[1] = cfg.H;
+      g.dg_stride[2] = 1;
+    }
+    const lin::BwdWorkspace w = lin::bwd_workspace(g);
+    std::vector<float> ws(size_t(w.bytes / 4 + 64), 123.f);
+    run_plan<T>(lin::plan_backward(g, ws.data()));
+    check("dq", R.dq, rdq);
+    check("dk", R.dk, rdk);
+    check("dv", R.dv, rdv);
+    check("dS0", R.dS0, rdS0);
+    if (cfg.normalize) check("dz0", R.dz0, rdz0);
+    if (cfg.decay) check("dlog_decay", R.dg, rdg);
+  }
+  std::printf("%s %s (worst error %.2g of max |ref|, tolerance %.2g)\n", ok ? "ok  " : "FAIL", name.c_str(), worst,
+              tol);
+  std::fflush(stdout);
+  return ok;
+}
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  int fails = 0, runs = 0;
+  auto run = [&](const std::string& name, Cfg c, bool bf16 = false) {
+    if (!filter.empty() && name.find(filter) == std::string::npos) return;
+    ++runs;
+    const bool ok = bf16 ? run_case<__nv_bfloat16>(name, c) : run_case<__half>(name, c);
+    fails += ok ? 0 : 1;
+  };
+  Cfg c;
+  run("causal plain T=70", c);
+  { Cfg d = c; d.decay = 1; d.init = true; run("causal per-head decay, initial state", d); }
+  { Cfg d = c; d.decay = 2; d.strength = 5.0; run("causal strong per-token gates (-5)", d); }
+  { Cfg d = c; d.normalize = true; d.fmap = 1; d.init = true; d.decay = 2; run("normalize elu1 gates init", d); }
+  { Cfg d = c; d.normalize = true; d.fmap = 2; run("normalize relu", d); }
+  { Cfg d = c; d.causal = false; d.init = true; run("non-causal init", d); }
+  { Cfg d = c; d.causal = false; d.normalize = true; d.fmap = 1; run("non-causal normalize elu1", d); }
+  { Cfg d = c; d.varlen = true; d.lens = {5, 0, 67, 1}; d.decay = 2; d.init = true; run("varlen gates init", d); }
+  { Cfg d = c; d.T = 1; d.decay = 1; d.init = true; run("T=1 chunk", d); }
+  { Cfg d = c; d.T = 64; d.K = 64; d.V = 64; d.B = 2; d.H = 1; run("T=64 K=V=64 B=2", d); }
+  { Cfg d = c; d.K = 80; d.V = 72; d.T = 40; d.decay = 2; run("K=80 (bucket 128) V=72 (two value tiles)", d, true); }
+  { Cfg d = c; d.K = 16; d.V = 64; d.T = 30; d.normalize = true; d.fmap = 1; d.decay = 1; d.init = true;
+    run("normalize V=64 (dK walk over V+1 keys)", d, true); }
+  { Cfg d = c; d.K = 200; d.V = 70; d.T = 75; d.H = 1; d.normalize = true; d.fmap = 1; d.decay = 2; d.init = true;
+    run("K=200 (bucket 256) normalize V=70 (two value tiles)", d); }
+  { Cfg d = c; d.dfinal = false; d.normalize = true; d.fmap = 1; d.decay = 2; d.K = 20; d.V = 20;
+    run("no final-state gradient, normalize, gates, unaligned rows", d); }
+  { Cfg d = c; d.T = 5; d.force = 2; d.decay = 2; d.init = true; run("step T=5 gates init", d); }
+  { Cfg d = c; d.T = 3; d.force = 2; d.normalize = true; d.fmap = 1; d.init = true; d.V = 40;
+    run("step normalize V=40", d); }
+  { Cfg d = c; d.T = 4; d.force = 2; d.K = 130; d.V = 33; d.H = 1; d.normalize = true; d.fmap = 2; d.init = true;
+    d.decay = 2; run("step K=130 (bucket 256) normalize V=33 (two tiles)", d); }
+  { Cfg d = c; d.varlen = true; d.lens = {1, 3, 0, 2}; d.force = 2; d.decay = 1; d.init = true; run("step varlen", d); }
+  std::printf("%d of %d cases failed\n", fails, runs);
+  return fails ? 1 : 0;
+}
