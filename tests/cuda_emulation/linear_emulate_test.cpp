@@ -401,6 +401,6 @@ int main(int argc, char** argv) {
   { Cfg d = c; d.T = 4; d.force = 2; d.K = 130; d.V = 33; d.H = 1; d.normalize = true; d.fmap = 2; d.init = true;
     d.decay = 2; run("step K=130 (bucket 256) normalize V=33 (two tiles)", d); }
   { Cfg d = c; d.varlen = true; d.lens = {1, 3, 0, 2}; d.force = 2; d.decay = 1; d.init = true; run("step varlen", d); }
-  std::printf("%d of %d cases failed\n", fails, runs);
+  std::printf("%d failure(s) in %d cases\n", fails, runs);
   return fails ? 1 : 0;
 }
