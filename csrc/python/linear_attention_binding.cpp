@@ -6,6 +6,7 @@
 #include <cmath>
 #include <string>
 
+#include "backend.h"
 #include "checks.h"
 #include "longattn/errors.h"
 #if defined(LONGATTN_WITH_CUDA)
@@ -205,31 +206,6 @@ void check_cuda(const char* op, const LinearAttentionParams& p) {
   const int64_t vmax = p.normalize ? 255 : 256;
   LONGATTN_CHECK_VALUE(p.head_dim_v <= vmax, cat(op, ": the CUDA kernels support head_dim_v up to ", vmax,
                                                   p.normalize ? " with normalize=True" : "", ", got ", p.head_dim_v));
-}
-
-// Runs `cpu_fn` or, for CUDA arrays, `cuda_fn(stream)`, turning a CUDA status into a
-// RuntimeError naming the kernel.
-template <typename CpuFn, typename CudaFn>
-void run_on_backend(const char* kernel, const TensorView& ref, uintptr_t stream, CpuFn cpu_fn, CudaFn cuda_fn) {
-  if (ref.device == DeviceType::CPU) {
-    py::gil_scoped_release nogil;
-    cpu_fn();
-    return;
-  }
-#if defined(LONGATTN_WITH_CUDA)
-  int status;
-  {
-    py::gil_scoped_release nogil;
-    cuda::DeviceGuard guard(ref.device_id);
-    status = cuda_fn(reinterpret_cast<void*>(stream));
-  }
-  if (status != 0) raise(ErrorKind::Runtime, checks::cat(kernel, " failed: ", cuda::error_string(status)));
-#else
-  (void)stream;
-  (void)cuda_fn;
-  raise(ErrorKind::Runtime, checks::cat(kernel, ": this build of longattn has no CUDA backend (built with "
-                                                "LONGATTN_CUDA=0 or without nvcc)"));
-#endif
 }
 
 void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,

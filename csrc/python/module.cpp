@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.h"
 #include "checks.h"
 #include "longattn/attention.h"
 #include "longattn/cpu_isa.h"
@@ -51,30 +52,6 @@ TensorView make_view(uintptr_t ptr, int dtype, int device, int device_id, const 
     t.stride[i] = strides[i];
   }
   return t;
-}
-
-// Runs a kernel on its backend, turning a CUDA status into a RuntimeError naming it.
-template <typename CpuFn, typename CudaFn>
-void run_on_backend(const char* kernel, const TensorView& ref, uintptr_t stream, CpuFn cpu_fn, CudaFn cuda_fn) {
-  if (ref.device == DeviceType::CPU) {
-    py::gil_scoped_release nogil;
-    cpu_fn();
-    return;
-  }
-#if defined(LONGATTN_WITH_CUDA)
-  int status;
-  {
-    py::gil_scoped_release nogil;
-    cuda::DeviceGuard guard(ref.device_id);
-    status = cuda_fn(reinterpret_cast<void*>(stream));
-  }
-  if (status != 0) raise(ErrorKind::Runtime, checks::cat(kernel, " failed: ", cuda::error_string(status)));
-#else
-  (void)kernel;
-  (void)stream;
-  (void)cuda_fn;
-  raise(ErrorKind::Runtime, "this build of longattn has no CUDA backend (built with LONGATTN_CUDA=0 or without nvcc)");
-#endif
 }
 
 void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, const TensorView* k_out,
