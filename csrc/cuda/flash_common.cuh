@@ -351,6 +351,52 @@ struct SparseKeyWalk {
   __device__ __forceinline__ int j0() const { return kb * block_k + sub * N; }
 };
 
+// The key tiles of N keys that a forward-shaped CTA (query rows [i0, i0 + rows)) visits, in
+// order. Dense: the tiles covering key_range(), classified full / partial by it. Sparse:
+// the SparseKeyWalk of the CTA's query block(s). `more` says a tile remains and `next_j0`
+// is its first key (for the prefetch); take() moves to it.
+template <int N, bool Sparse>
+struct KeyTiles {
+  SparseKeyWalk<N> walk;
+  KeyRange kr;
+  int end_j0 = 0;
+  bool more = false;
+  int next_j0 = 0;
+
+  __device__ __forceinline__ void init(const AttentionParams& p, const BlockSparseSchedule& bs, const Seq& s, int b,
+                                       int h, int i0, int rows_cta, int rows) {
+    if constexpr (Sparse) {
+      walk.init(bs, b, h, i0, rows_cta, s.sq, s.sk);
+      more = walk.next();
+      next_j0 = more ? walk.j0() : 0;
+    } else {
+      kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+      const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
+      more = kb_begin < kb_end;
+      next_j0 = kb_begin * N;
+      end_j0 = kb_end * N;
+    }
+  }
+  // Takes the next tile: returns its first key, its mode for a warp whose rows lie in the
+  // CTA's query block `wq` (0 or 1; kFull, kPartial or kSkip) and whether the element
+  // mask applies to it.
+  __device__ __forceinline__ int take(int wq, int& mode, bool& masked) {
+    const int j0 = next_j0;
+    if constexpr (Sparse) {
+      mode = wq ? walk.mode[1] : walk.mode[0];
+      masked = mode == kPartial;
+      more = walk.next();
+      next_j0 = more ? walk.j0() : 0;
+    } else {
+      mode = kFull;
+      masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+      next_j0 = j0 + N;
+      more = next_j0 < end_j0;
+    }
+    return j0;
+  }
+};
+
 // Query tiles of M rows visited by the backward CTA of the key block kbk: the sorted union
 // of the query blocks listed for it (query-side lists), each cut into block_q / M tiles
 // (those starting before sq); mode is the state of the current tile.

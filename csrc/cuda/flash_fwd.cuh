@@ -67,30 +67,17 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
 
-  const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-  const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
-
   auto load_kv = [&](int j0, int stage) {
     const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
     load_tile<T, N, Dp, THREADS>(sV + stage * N * LD, v + j0 * p.v_stride[1], p.v_stride[1], n, Dv, args.vec_v);
   };
 
-  // The key tiles in visiting order: dense [kb_begin, kb_end) x N, sparse from the walk.
-  SparseKeyWalk<N> walk;
-  bool more;
-  int next_j0;
-  if constexpr (Sparse) {
-    walk.init(args.sparse, b, h, i0, M, s.sq, s.sk);
-    more = walk.next();
-    next_j0 = more ? walk.j0() : 0;
-  } else {
-    more = kb_begin < kb_end;
-    next_j0 = kb_begin * N;
-  }
+  KeyTiles<N, Sparse> tiles;
+  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
 
   load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
-  if (more) load_kv(next_j0, 0);
+  if (tiles.more) load_kv(tiles.next_j0, 0);
   cp_async_commit();  // group: Q + first K/V block
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -114,22 +101,12 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
   float m_lo = -INFINITY, m_hi = -INFINITY;  // running max (natural units)
   float l_lo = 0.f, l_hi = 0.f;              // this thread's part of the running sum
 
-  for (int it = 0; more; ++it) {
+  for (int it = 0; tiles.more; ++it) {
     const int stage = it & 1;
-    const int j0 = next_j0;
+    int mode;
     bool masked;
-    int mode = kFull;
-    if constexpr (Sparse) {
-      mode = wq ? walk.mode[1] : walk.mode[0];
-      masked = mode == kPartial;
-      more = walk.next();
-      next_j0 = more ? walk.j0() : 0;
-    } else {
-      masked = j0 < kr.full_begin || j0 + N > kr.full_end;
-      next_j0 = j0 + N;
-      more = next_j0 < kb_end * N;
-    }
-    if (more) load_kv(next_j0, stage ^ 1);
+    const int j0 = tiles.take(wq, mode, masked);
+    if (tiles.more) load_kv(tiles.next_j0, stage ^ 1);
     cp_async_commit();  // possibly empty group, keeps the wait count uniform
     cp_async_wait<1>();
     __syncthreads();
