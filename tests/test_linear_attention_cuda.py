@@ -71,9 +71,11 @@ def _np(x):
     return x.detach().double().cpu().numpy()
 
 
-def _assert_rel(got, want, dtype, what):
+def _assert_rel(got, want, dtype, what, scale=None):
+    """max |got - want| <= REL[dtype] * scale; scale defaults to max |want| (at least 1e-6)."""
     got = got.detach().double().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    scale = max(float(np.max(np.abs(want))) if np.size(want) else 0.0, 1e-6)
+    if scale is None:
+        scale = max(float(np.max(np.abs(want))) if np.size(want) else 0.0, 1e-6)
     err = float(np.max(np.abs(got - want))) if np.size(want) else 0.0
     assert np.all(np.isfinite(got)), f"{what}: non-finite values"
     assert err <= REL[dtype] * scale, f"{what}: max error {err:.3g} > {REL[dtype]} x {scale:.3g}"
@@ -142,8 +144,15 @@ def test_gradients_match_float64_autograd(dtype, opts, T, K, V):
     want = _grads(q, k, v, g, s, "cpu", torch.float64, **kw)
     names = ["dq", "dk", "dv"] + (["dlog_decay"] if g is not None else []) + ["dS0", "dz0"][: (2 if kw["normalize"]
                                                                                                 else 1)]
+    # Some gradients vanish in exact arithmetic, e.g. with T = 1: dq when normalize makes the
+    # output v whatever q is, d log_decay without an earlier state to decay. The kernels still
+    # form them as differences of terms as large as dq, dk, dv (dq~ = (dO S^T - (o.dO) z) / n,
+    # d log_decay = q~.dq~ - k~.dk~ reverse-cumulated), so their rounding error scales with
+    # those; max |reference| (~1e-10) is no scale for it.
+    terms = max(float(b.abs().max()) for b in want[:3])
     for name, a, b in zip(names, got, want):
-        _assert_rel(a, b.numpy(), dtype, name)
+        vanishes = float(b.abs().max()) <= 1e-6 * terms
+        _assert_rel(a, b.numpy(), dtype, name, scale=terms if vanishes else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
