@@ -6,8 +6,11 @@ error against the float64 reference is at most twice the error of a naive masked
 computed in the same low precision on the GPU, plus a small floor. Every test needs a GPU
 (pytest.mark.cuda) and is skipped without one; tests/cuda_emulation runs the same kernels
 (Sparse = true) on the host without a GPU.
+LONGATTN_TEST_DEVICE=cpu python -m pytest tests/test_*_cuda.py checks the test logic on the CPU
+(tests marked cuda_only are skipped); it verifies nothing about the CUDA kernels.
 """
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from longattn import block_sparse, masks  # noqa: E402
 from reference.attention import assert_close_by_rule, assert_lse_matches  # noqa: E402
 
 pytestmark = pytest.mark.cuda
+# The device under test: "cuda", or "cpu" for a dry run of the test logic (tests/conftest.py).
+DEV = os.environ.get("LONGATTN_TEST_DEVICE", "cuda")
 
 DTYPES = [torch.float16, torch.bfloat16]
 BLOCKS = [(64, 64), (64, 128), (128, 64), (128, 128)]
@@ -106,8 +111,8 @@ def compare(q, k, v, bm, *, softcap=0.0, deterministic=False, dlse=False):
 
 
 def rand(*shape, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(*shape, device=DEV, dtype=dtype, generator=g)
 
 
 # ---- correctness ------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def test_gqa_per_head_masks_softcap_and_dlse(dtype):
 def test_rows_that_see_nothing_get_zero_and_minus_inf():
     layout = np.zeros((1, 1, 4, 4), bool)
     layout[0, 0, 0, :2] = True  # only the first query block sees anything
-    bm = longattn.BlockMask.from_dense(layout, 64, 256, 256).to("cuda")
+    bm = longattn.BlockMask.from_dense(layout, 64, 256, 256).to(DEV)
     q, k, v = (rand(1, 256, 2, 64, dtype=torch.bfloat16, seed=i).requires_grad_() for i in range(3))
     out, lse = longattn.block_sparse_attention(q, k, v, bm, return_lse=True)
     assert (out[:, 64:] == 0).all() and torch.isneginf(lse[:, :, 64:]).all()
@@ -151,10 +156,10 @@ def test_rows_that_see_nothing_get_zero_and_minus_inf():
 
 def test_full_density_mask_matches_flash_attention():
     q, k, v = (rand(1, 512, 4, 128, dtype=torch.bfloat16, seed=i) for i in range(3))
-    bm = build_mask("dense", 512, 512, (128, 128)).to("cuda")
+    bm = build_mask("dense", 512, 512, (128, 128)).to(DEV)
     out = longattn.block_sparse_attention(q, k, v, bm)
     torch.testing.assert_close(out, longattn.flash_attention(q, k, v), rtol=0, atol=2e-2)
-    causal = masks.causal(512, 512, block_size=128).to("cuda")
+    causal = masks.causal(512, 512, block_size=128).to(DEV)
     torch.testing.assert_close(longattn.block_sparse_attention(q, k, v, causal),
                                longattn.flash_attention(q, k, v, causal=True), rtol=0, atol=2e-2)
 
@@ -162,7 +167,7 @@ def test_full_density_mask_matches_flash_attention():
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
 def test_deterministic_gradients_are_bitwise_stable_and_close_to_atomic_ones(block):
     q, k, v = (rand(1, 700, 4, 64, dtype=torch.float16, seed=i) for i in range(3))
-    bm = build_mask("bigbird", 700, 700, block, heads=4).to("cuda")
+    bm = build_mask("bigbird", 700, 700, block, heads=4).to(DEV)
     dout = rand(1, 700, 4, 64, dtype=torch.float16, seed=9)
 
     def grads(det):
@@ -181,7 +186,7 @@ def test_deterministic_gradients_are_bitwise_stable_and_close_to_atomic_ones(blo
 # ---- torch integration -------------------------------------------------------------------
 def test_opcheck_and_compile_fullgraph_on_cuda():
     q, k, v = (rand(1, 200, 2, 64, dtype=torch.bfloat16, seed=i).requires_grad_() for i in range(3))
-    bm = masks.streaming(200, 200, sink_tokens=2, window=50, block_size=64).to("cuda")
+    bm = masks.streaming(200, 200, sink_tokens=2, window=50, block_size=64).to(DEV)
     lists = list(block_sparse.schedule_lists(bm))
     torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
                           (q, k, v, *lists, 64, 64, True, 49, 0, 2, 0.125, 0.0, False))
@@ -194,6 +199,7 @@ def test_opcheck_and_compile_fullgraph_on_cuda():
 
 
 # ---- bad inputs -----------------------------------------------------------------------------
+@pytest.mark.cuda_only
 def test_unsupported_block_size_on_cuda_is_a_value_error_naming_block_size():
     q, k, v = (rand(1, 128, 2, 64, dtype=torch.bfloat16, seed=i) for i in range(3))
     cpu_mask = masks.causal(128, 128, block_size=32)  # fine on the CPU
@@ -204,6 +210,7 @@ def test_unsupported_block_size_on_cuda_is_a_value_error_naming_block_size():
         torch.ops.longattn.block_sparse_attention_forward(q, k, v, *lists, 32, 32, True, -1, 0, 0, 0.125, 0.0, False)
 
 
+@pytest.mark.cuda_only
 def test_mask_on_another_device_is_a_value_error():
     q, k, v = (rand(1, 128, 2, 64, dtype=torch.bfloat16, seed=i) for i in range(3))
     bm = masks.causal(128, 128, block_size=64)

@@ -5,9 +5,12 @@ float32 reference must be at most twice the error of a naive attention computed 
 same low precision on the GPU (scores, softmax, P and products rounded to float16 /
 bfloat16), plus a small floor. Every test here needs a GPU (pytest.mark.cuda); without one
 they are skipped. tests/cuda_emulation runs the same kernels on the host without a GPU.
+LONGATTN_TEST_DEVICE=cpu python -m pytest tests/test_*_cuda.py checks the test logic on the CPU
+(tests marked cuda_only are skipped); it verifies nothing about the CUDA kernels.
 """
 import itertools
 import math
+import os
 
 import pytest
 
@@ -16,6 +19,8 @@ torch = pytest.importorskip("torch")
 import longattn  # noqa: E402
 
 pytestmark = pytest.mark.cuda
+# The device under test: "cuda", or "cpu" for a dry run of the test logic (tests/conftest.py).
+DEV = os.environ.get("LONGATTN_TEST_DEVICE", "cuda")
 
 DTYPES = [torch.float16, torch.bfloat16]
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -116,7 +121,7 @@ def compare(q, k, v, dtype, grads=True, **kw):
 
 
 def rand(*shape, dtype):
-    return torch.randn(*shape, device="cuda", dtype=dtype)
+    return torch.randn(*shape, device=DEV, dtype=dtype)
 
 
 # ---- forward and backward ---------------------------------------------------------------
@@ -163,9 +168,9 @@ def test_softcap_alibi(dtype, softcap, alibi_shape):
     q, k, v = rand(B, 90, H, 128, dtype=dtype), rand(B, 120, H, 128, dtype=dtype), rand(B, 120, H, 128, dtype=dtype)
     alibi = None
     if alibi_shape == "h":
-        alibi = torch.rand(H, device="cuda") * 0.5
+        alibi = torch.rand(H, device=DEV) * 0.5
     elif alibi_shape == "bh":
-        alibi = torch.rand(B, H, device="cuda") * 0.5
+        alibi = torch.rand(B, H, device=DEV) * 0.5
     compare(q, k, v, dtype, causal=True, softcap=softcap, alibi_slopes=alibi)
 
 
@@ -222,7 +227,7 @@ def test_varlen_matches_cpu(dtype, causal, d):
         out.backward(g)
         return out.detach(), lse.detach(), (x_q.grad, x_k.grad, x_v.grad)
 
-    out, lse, g = go(q, k, v, grad, cu_q.cuda(), cu_k.cuda(), alibi.cuda())
+    out, lse, g = go(q, k, v, grad, cu_q.to(DEV), cu_k.to(DEV), alibi.to(DEV))
     ref_out, ref_lse, ref_g = go(cpu32(q), cpu32(k), cpu32(v), cpu32(grad), cu_q, cu_k, alibi)
     # naive low precision, one sequence at a time (the bound's scale)
     nv_out = torch.zeros_like(out)
@@ -233,7 +238,7 @@ def test_varlen_matches_cpu(dtype, causal, d):
         if lens_q[b] == 0:
             continue
         o, _, gg = run_naive(q[sq][None], k[sk][None], v[sk][None], grad[sq][None], causal=causal, window=(50, -1),
-                             alibi_slopes=alibi[b:b + 1].cuda())
+                             alibi_slopes=alibi[b:b + 1].to(DEV))
         nv_out[sq] = o[0]
         nv_g[0][sq] = gg[0][0]
         nv_g[1][sk] = gg[1][0]
@@ -260,9 +265,9 @@ def test_lse_gradient(dtype):
     def flash(x_q, x_k, x_v):
         return longattn.flash_attention(x_q, x_k, x_v, causal=True, return_lse=True)
 
-    got = go(flash, q, k, v, w.cuda())
+    got = go(flash, q, k, v, w.to(DEV))
     ref = go(flash, cpu32(q), cpu32(k), cpu32(v), w)
-    nv = go(lambda a, b, c: naive_attention(a, b, c, causal=True), q, k, v, w.cuda())
+    nv = go(lambda a, b, c: naive_attention(a, b, c, causal=True), q, k, v, w.to(DEV))
     for name, a, r, n in zip(("dq", "dk", "dv"), got, ref, nv):
         check(name, a, r, n, dtype)
 
@@ -283,18 +288,21 @@ def test_deterministic_backward_is_bitwise_repeatable_and_accurate(dtype, d):
 
 
 # ---- errors and streams ---------------------------------------------------------------------
+@pytest.mark.cuda_only
 def test_float32_on_cuda_is_a_type_error():
     q = torch.randn(1, 8, 2, 64, device="cuda")
     with pytest.raises(TypeError, match="float16 and bfloat16"):
         longattn.flash_attention(q, q, q)
 
 
+@pytest.mark.cuda_only
 def test_head_dim_above_256_is_a_value_error():
     q = torch.randn(1, 8, 2, 320, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="256"):
         longattn.flash_attention(q, q, q)
 
 
+@pytest.mark.cuda_only
 def test_runs_on_a_side_stream():
     q = rand(1, 64, 2, 64, dtype=torch.float16)
     want = longattn.flash_attention(q, q, q)
