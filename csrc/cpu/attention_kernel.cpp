@@ -75,6 +75,7 @@ struct Visit {
   int64_t j0;
   bool masked;
   const uint8_t* state;  // kBlockK entries, or null
+  bool all_partial = false;  // every column of the tile (up to sk) is in a partial block
 };
 
 struct Visits {
@@ -122,8 +123,19 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
     const int64_t j0 = tiles[i] * kBlockK, cols = std::min(kBlockK, s.sk - j0);
     // A tile made only of full blocks needs no per-column work: treat it as dense.
     const bool all_full = std::all_of(st, st + cols, [](uint8_t x) { return x == 1; });
-    v.list.push_back({j0, !all_full, all_full ? nullptr : st});
+    const bool all_partial = std::all_of(st, st + cols, [](uint8_t x) { return x == 2; });
+    v.list.push_back({j0, !all_full, all_full ? nullptr : st, all_partial});
   }
+}
+
+// Sets row[c] = -inf for the columns c in [0, cols) outside [0, keep_end) and [lo, hi).
+template <typename C>
+inline void mask_outside(C* row, int64_t cols, int64_t keep_end, int64_t lo, int64_t hi) {
+  if (hi < lo) hi = lo;
+  const int64_t a = std::max(keep_end, int64_t(0));
+  if (a < lo) std::fill(row + a, row + lo, neg_inf<C>());
+  const int64_t b = std::max(hi, a);
+  if (b < cols) std::fill(row + b, row + cols, neg_inf<C>());
 }
 
 // Scores of one (query block, key block) tile, after scale (folded into q), softcap,
@@ -156,12 +168,29 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
       }
     }
     if (visit.state) {
-      for (int64_t c = 0; c < cols; ++c)
-        if (visit.state[c] == 0 || (visit.state[c] == 2 && !p.sparse->visible(i, j0 + c, s.sq, s.sk)))
-          row[c] = neg_inf<C>();
+      // BlockSparseSchedule::visible as column ranges: a partial column c is visible iff
+      // c < sink_end or win_lo <= c < win_hi (tile-local, each clamped to [0, cols]).
+      const BlockSparseSchedule& bs = *p.sparse;
+      const int64_t d = i + off;
+      const int64_t causal_end = bs.causal ? d + 1 : s.sk;
+      auto local = [&](int64_t j) { return j < j0 ? int64_t(0) : (j > j0 + cols ? cols : j - j0); };
+      const int64_t sink_end = local(std::min(bs.sink_tokens, causal_end));
+      const int64_t win_lo = local(bs.window_left < 0 ? 0 : d - bs.window_left);
+      const int64_t win_hi = local(std::min(bs.window_right < 0 ? s.sk : d + bs.window_right + 1, causal_end));
+      if (visit.all_partial) {
+        mask_outside(row, cols, sink_end, win_lo, win_hi);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          const uint8_t st = visit.state[c];
+          if (st == 0 || (st == 2 && c >= sink_end && (c < win_lo || c >= win_hi))) row[c] = neg_inf<C>();
+        }
+      }
     } else if (masked) {
-      for (int64_t c = 0; c < cols; ++c)
-        if (!key_visible(i, j0 + c, s.sq, s.sk, p.window_left, p.window_right)) row[c] = neg_inf<C>();
+      const int64_t d = i + off;
+      auto local = [&](int64_t j) { return j < j0 ? int64_t(0) : (j > j0 + cols ? cols : j - j0); };
+      const int64_t lo = local(p.window_left < 0 ? 0 : d - p.window_left);
+      const int64_t hi = local(p.window_right < 0 ? s.sk : d + p.window_right + 1);
+      mask_outside(row, cols, 0, lo, hi);
     }
     std::fill(row + cols, row + kBlockK, neg_inf<C>());
   }
