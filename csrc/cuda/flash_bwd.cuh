@@ -514,21 +514,7 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kerne
         }
       }
       // dQ += dS K: A = dS from the accumulators, B = K rows (k = keys) via ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]);
-        a[1] = pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]);
-        a[2] = pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]);
-        a[3] = pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3]);
-#pragma unroll
-        for (int d = 0; d < DT; d += 2) {
-          uint32_t bk[4];
-          ldmatrix_x4_trans(bk, cK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
-          mma16816<T>(dq[d], a, bk[0], bk[1]);
-          mma16816<T>(dq[d + 1], a, bk[2], bk[3]);
-        }
-      }
+      mma_acc_x_tile<T, N / 16, DT>(dq, sacc, cK, LD, lane);
     }  // mode != kSkip
     __syncthreads();
   }

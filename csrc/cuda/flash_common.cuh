@@ -143,6 +143,31 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
 
 #endif  // LONGATTN_FLASH_EMULATE
 
+// ---- warp products ---------------------------------------------------------------------------
+// c (the warp's 16 rows x 8 * DT columns) += A B, where A (16 x 16 * KT) is a row strip of
+// C-fragment accumulators (n-tiles 2s, 2s + 1 are k-step s, rounded to T; the reuse shown
+// at the top of this file) and B (16 * KT x 8 * DT) a row-major shared-memory tile of pitch
+// ld, read through ldmatrix.trans. O += P V in the forward, dQ += dS K in the dQ kernel.
+template <typename T, int KT, int DT>
+__device__ __forceinline__ void mma_acc_x_tile(float (&c)[DT][4], const float (&a)[2 * KT][4], const T* b, int ld,
+                                               int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    uint32_t af[4];
+    af[0] = pack2<T>(a[2 * kk][0], a[2 * kk][1]);
+    af[1] = pack2<T>(a[2 * kk][2], a[2 * kk][3]);
+    af[2] = pack2<T>(a[2 * kk + 1][0], a[2 * kk + 1][1]);
+    af[3] = pack2<T>(a[2 * kk + 1][2], a[2 * kk + 1][3]);
+#pragma unroll
+    for (int d = 0; d < DT; d += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * ld + d * 8 + 8 * (lane / 16));
+      mma16816<T>(c[d], af, bf[0], bf[1]);
+      mma16816<T>(c[d + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
 // ---- tile loads ---------------------------------------------------------------------------
 // Loads rows [0, ROWS) x columns [0, Dp) of a strided (token, dim) matrix into shared memory
 // (pitch Dp + kPad): rows >= nrows and columns >= ncols become 0. With `vec` (base pointer

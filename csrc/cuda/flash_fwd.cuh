@@ -189,22 +189,8 @@ __global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_fwd_kernel(c
         o[d][3] *= alpha_hi;
       }
 
-      // O += P V: P from the accumulators (k-step kk = S n-tiles 2kk, 2kk+1), V via ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
-        a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
-        a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-        a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-#pragma unroll
-        for (int d = 0; d < DT; d += 2) {
-          uint32_t bf[4];
-          ldmatrix_x4_trans(bf, cV + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + d * 8 + 8 * (lane / 16));
-          mma16816<T>(o[d], a, bf[0], bf[1]);
-          mma16816<T>(o[d + 1], a, bf[2], bf[3]);
-        }
-      }
+      // O += P V: P from the accumulators, V via ldmatrix.trans.
+      mma_acc_x_tile<T, N / 16, DT>(o, acc, cV, LD, lane);
     }  // mode != kSkip
     __syncthreads();  // this stage is overwritten by the prefetch of the next iteration
   }
