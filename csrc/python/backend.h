@@ -13,6 +13,15 @@
 #include "longattn/cuda_runtime_info.h"
 #endif
 
+// The CUDA half of a run_on_backend() call: a lambda taking the stream `s` and returning
+// the status of `call` (an expression that uses `s`); builds without CUDA never compile
+// `call`, so it may name cuda:: entry points that only exist with the CUDA backend.
+#if defined(LONGATTN_WITH_CUDA)
+#define LONGATTN_CUDA_FN(call) [&](void* s) -> int { return call; }
+#else
+#define LONGATTN_CUDA_FN(call) [](void*) -> int { return 0; }
+#endif
+
 namespace longattn {
 
 // Runs `cpu_fn()` for CPU arrays or, for CUDA arrays, `cuda_fn(stream)` on the device of

@@ -228,14 +228,7 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
   NvtxRange range(op);
   run_on_backend(
       "linear_attention_forward", q, stream, [&] { cpu::linear_attention_forward(p); },
-      [&](void* s) {
-#if defined(LONGATTN_WITH_CUDA)
-        return cuda::linear_attention_forward(p, s);
-#else
-        (void)s;
-        return 0;
-#endif
-      });
+      LONGATTN_CUDA_FN(cuda::linear_attention_forward(p, s)));
 }
 
 void backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& dout,
@@ -291,14 +284,7 @@ void backward(const TensorView& q, const TensorView& k, const TensorView& v, con
   NvtxRange range(op);
   run_on_backend(
       "linear_attention_backward", q, stream, [&] { cpu::linear_attention_backward(g); },
-      [&](void* s) {
-#if defined(LONGATTN_WITH_CUDA)
-        return cuda::linear_attention_backward(g, s);
-#else
-        (void)s;
-        return 0;
-#endif
-      });
+      LONGATTN_CUDA_FN(cuda::linear_attention_backward(g, s)));
 }
 
 // Bytes of CUDA backward workspace for these shapes (0 without the CUDA backend).

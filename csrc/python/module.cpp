@@ -140,14 +140,7 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
   NvtxRange range("apply_rope");
   run_on_backend(
       "rope_kernel", q, stream, [&] { cpu::rope(p); },
-      [&](void* s) {
-#if defined(LONGATTN_WITH_CUDA)
-        return cuda::rope(p, s);
-#else
-        (void)s;
-        return 0;
-#endif
-      });
+      LONGATTN_CUDA_FN(cuda::rope(p, s)));
 }
 
 
@@ -444,14 +437,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   if (q.device == DeviceType::CUDA) check_cuda_attention(op, p);
   run_on_backend(
       "flash_attention_forward", q, stream, [&] { cpu::attention_forward(p); },
-      [&](void* s) -> int {
-#if defined(LONGATTN_WITH_CUDA)
-        return cuda::attention_forward(p, s);
-#else
-        (void)s;
-        return 0;
-#endif
-      });
+      LONGATTN_CUDA_FN(cuda::attention_forward(p, s)));
 }
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -537,14 +523,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   }
   run_on_backend(
       "flash_attention_backward", q, stream, [&] { cpu::attention_backward(g); },
-      [&](void* s) -> int {
-#if defined(LONGATTN_WITH_CUDA)
-        return cuda::attention_backward(g, s);
-#else
-        (void)s;
-        return 0;
-#endif
-      });
+      LONGATTN_CUDA_FN(cuda::attention_backward(g, s)));
 }
 
 py::dict build_info() {
