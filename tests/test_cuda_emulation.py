@@ -13,7 +13,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "cuda_emulation" / "run.sh"
-SUITES = {"flash": [], "linear": ["linear"]}  # run.sh arguments of each kernel family
+# run.sh arguments and extra environment of each suite; the flash forward is also checked in
+# its other build layout (LONGATTN_FWD_STRIPS=1: one 16-row strip per warp).
+SUITES = {
+    "flash": ([], {}),
+    "flash-strips1": (["no-sparse"], {"EMU_CXXFLAGS": "-DLONGATTN_FWD_STRIPS=1"}),
+    "linear": (["linear"], {}),
+}
 
 
 def _cuda_headers() -> bool:
@@ -27,7 +33,8 @@ def _cuda_headers() -> bool:
 @pytest.mark.skipif(shutil.which("g++") is None or not _cuda_headers(), reason="needs g++ and the CUDA headers")
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_cuda_kernels_under_host_emulation(suite, tmp_path):
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    r = subprocess.run(["sh", str(SCRIPT)] + SUITES[suite], capture_output=True, text=True, timeout=1800, env=env)
+    args, extra_env = SUITES[suite]
+    env = dict(os.environ, TMPDIR=str(tmp_path), **extra_env)
+    r = subprocess.run(["sh", str(SCRIPT)] + args, capture_output=True, text=True, timeout=1800, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
     assert re.search(r"^0 failure\(s\)", r.stdout, re.M), r.stdout[-6000:]

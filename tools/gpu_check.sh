@@ -2,6 +2,7 @@
 # Build, test, sanitize, benchmark and profile longattn on a CUDA machine, in one command.
 #
 #   tools/gpu_check.sh [STAGE...]     stages: build test sanitize bench profile (default: all)
+#                                     and, on request only, layout
 #
 # Environment: OUT (folder for logs and reports, default gpu_check_out), ARCHS (default the
 # device's own compute capability, e.g. 90a on H100), PYTHON (default python3), JOBS.
@@ -13,6 +14,9 @@
 #                          tools/gpu_sanitize_cases.py (torch's caching allocator off)
 #   bench.tar.gz           `python -m longattn bench --device cuda` JSON, Markdown, PNG
 #   flash.ncu-rep, flash_ncu.txt   Nsight Compute --set full of the flash forward/backward
+#   bench_strips1.tar.gz   (layout) the attention benchmark built with LONGATTN_FWD_STRIPS=1
+#                          (one 16-row strip per warp), to compare with bench.tar.gz; the
+#                          stage then rebuilds the default layout
 # Peers missing on the machine (flash-linear-attention: fla-core and its pure-Python deps)
 # travel as wheels in .whl/ (git-ignored), fetched beforehand where pip can reach an index:
 #   pip download --no-deps --only-binary=:all: -d .whl fla-core==0.6.0
@@ -78,6 +82,17 @@ bench() {
   $PY -m longattn bench --device cuda --no-progress --out "$OUT/bench" &&
     tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench"
 }
+layout() {
+  local rc=0
+  if LONGATTN_FWD_STRIPS=1 build; then
+    $PY -m longattn bench --ops attention --device cuda --no-progress --out "$OUT/bench_strips1" &&
+      tar -C "$OUT" -czf "$OUT/bench_strips1.tar.gz" bench_strips1 && rm -rf "$OUT/bench_strips1" || rc=1
+  else
+    rc=1
+  fi
+  build || rc=1  # back to the default layout
+  return $rc
+}
 profile() {
   ncu --set full --import-source yes -k regex:flash_ --launch-skip 4 -c 4 -f -o "$OUT/flash" \
     $PY tools/gpu_profile_flash.py &&
@@ -91,6 +106,7 @@ for s in "${stages[@]}"; do
     sanitize) run_stage sanitize sanitize ;;
     bench) run_stage bench bench ;;
     profile) run_stage profile profile ;;
+    layout) run_stage layout layout ;;
     *) say "unknown stage $s"; failed+=("$s") ;;
   esac
 done

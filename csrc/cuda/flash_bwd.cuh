@@ -376,13 +376,13 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
 // ---- 3'. deterministic dQ ---------------------------------------------------------------------
 template <int Dp>
 constexpr int bwd_dq_smem_bytes() {
-  using Tr = FwdTraits<Dp>;
+  using Tr = DqTraits<Dp>;
   return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Dp + kPad) * 2;  // Q, dO, 2 stages of K and V
 }
 
 template <typename T, int Dp, bool Sparse>
-__global__ void __launch_bounds__(FwdTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
-  using Tr = FwdTraits<Dp>;
+__global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
+  using Tr = DqTraits<Dp>;
   constexpr int M = Tr::kBlockM, N = Tr::kBlockN, THREADS = Tr::kWarps * 32, LD = Dp + kPad;
   constexpr int NT = N / 8, DT = Dp / 8;
 
@@ -574,7 +574,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   }
   if (p.seqlen_q > 0) {
     if (g.deterministic) {
-      using Tr = FwdTraits<Dp>;
+      using Tr = DqTraits<Dp>;
       constexpr int smem = bwd_dq_smem_bytes<Dp>();
       auto kernel = p.sparse ? flash_bwd_dq_kernel<T, Dp, true> : flash_bwd_dq_kernel<T, Dp, false>;
       if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)

@@ -45,17 +45,45 @@ namespace flash {
 
 // ---- tile traits ------------------------------------------------------------------------
 // Head dims are bucketed to Dp in {32, 64, 96, 128, 192, 256}; D and Dv are zero-filled up
-// to Dp on load and masked on store (one bucket for max(D, Dv)). Each forward warp owns 16
-// query rows, so kBlockM = 16 * kWarps. Shared memory rows are padded by 8 elements (16 B):
-// with a row pitch of 2 * (Dp + 8) bytes the eight 16-byte rows of an ldmatrix matrix fall
-// in distinct bank quads for every Dp here, so ldmatrix and cp.async are conflict free.
-template <int Dp> struct FwdTraits;
-template <> struct FwdTraits<32> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
-template <> struct FwdTraits<64> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
-template <> struct FwdTraits<96> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
-template <> struct FwdTraits<128> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
-template <> struct FwdTraits<192> { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4; };
-template <> struct FwdTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4; };
+// to Dp on load and masked on store (one bucket for max(D, Dv)). Each forward warp owns
+// kStrips strips of 16 query rows, so kBlockM = 16 * kStrips * kWarps: with two strips per
+// warp (FlashAttention-2's layout for Dp <= 128) every K / V fragment read from shared
+// memory feeds two MMAs, halving the ldmatrix traffic per MMA of one strip per warp. Shared
+// memory rows are padded by 8 elements (16 B): with a row pitch of 2 * (Dp + 8) bytes the
+// eight 16-byte rows of an ldmatrix matrix fall in distinct bank quads for every Dp here,
+// so ldmatrix and cp.async are conflict free.
+// The build knob LONGATTN_FWD_STRIPS (1 or 2, default 2) picks the layout for Dp <= 128.
+#ifndef LONGATTN_FWD_STRIPS
+#define LONGATTN_FWD_STRIPS 2
+#endif
+static_assert(LONGATTN_FWD_STRIPS == 1 || LONGATTN_FWD_STRIPS == 2, "LONGATTN_FWD_STRIPS must be 1 or 2");
+constexpr int kFwdStrips = LONGATTN_FWD_STRIPS;
+template <int Dp> struct FwdTraits {  // Dp = 32, 64, 96, 128
+  static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8 / kFwdStrips, kStrips = kFwdStrips;
+};
+template <> struct FwdTraits<192> { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kStrips = 1; };
+template <> struct FwdTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4, kStrips = 1; };
+// Warps and strips per warp of a forward variant: the block-sparse forward keeps one strip
+// per warp (its per-CTA walk state, SparseKeyWalk, does not fit beside two strips of
+// accumulators at Dp = 128 without spilling).
+// One strip per warp at Dp = 64 fits in 128 registers: two CTAs of 8 warps per SM
+// (kMinBlocks, a __launch_bounds__ argument).
+template <int Dp, bool Sparse>
+struct FwdLayout {
+  static constexpr int kStrips = Sparse ? 1 : FwdTraits<Dp>::kStrips;
+  static constexpr int kWarps = FwdTraits<Dp>::kBlockM / (16 * kStrips);
+  static constexpr int kMinBlocks = kStrips == 1 && Dp == 64 ? 2 : 1;
+};
+
+// Deterministic dQ kernel (forward-shaped: one CTA per query block, warp w owns query rows
+// [16w, 16w + 16)): kBlockM = 16 * kWarps.
+template <int Dp> struct DqTraits;
+template <> struct DqTraits<32> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct DqTraits<64> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct DqTraits<96> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct DqTraits<128> { static constexpr int kBlockM = 128, kBlockN = 64, kWarps = 8; };
+template <> struct DqTraits<192> { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4; };
+template <> struct DqTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4; };
 
 // Backward main kernel (one CTA per key block): kBlockN keys in 16-key strips, kWarps / (kBlockN
 // / 16) warps share a strip, splitting the query columns of S^T and the head dim of dK / dV.
@@ -144,28 +172,41 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
 #endif  // LONGATTN_FLASH_EMULATE
 
 // ---- warp products ---------------------------------------------------------------------------
-// c (the warp's 16 rows x 8 * DT columns) += A B, where A (16 x 16 * KT) is a row strip of
-// C-fragment accumulators (n-tiles 2s, 2s + 1 are k-step s, rounded to T; the reuse shown
-// at the top of this file) and B (16 * KT x 8 * DT) a row-major shared-memory tile of pitch
-// ld, read through ldmatrix.trans. O += P V in the forward, dQ += dS K in the dQ kernel.
-template <typename T, int KT, int DT>
-__device__ __forceinline__ void mma_acc_x_tile(float (&c)[DT][4], const float (&a)[2 * KT][4], const T* b, int ld,
-                                               int lane) {
+// c (SP strips of 16 rows x 8 * DT columns) += A B, where A (SP strips of 16 x 16 * KT) is
+// held as C-fragment accumulators (n-tiles 2s, 2s + 1 are k-step s, rounded to T; the reuse
+// shown at the top of this file) and B (16 * KT x 8 * DT) a row-major shared-memory tile of
+// pitch ld, read through ldmatrix.trans once for all SP strips. O += P V in the forward,
+// dQ += dS K in the dQ kernel (one strip).
+template <typename T, int KT, int DT, int SP>
+__device__ __forceinline__ void mma_acc_x_tile(float (&c)[SP][DT][4], const float (&a)[SP][2 * KT][4], const T* b,
+                                               int ld, int lane) {
 #pragma unroll
   for (int kk = 0; kk < KT; ++kk) {
-    uint32_t af[4];
-    af[0] = pack2<T>(a[2 * kk][0], a[2 * kk][1]);
-    af[1] = pack2<T>(a[2 * kk][2], a[2 * kk][3]);
-    af[2] = pack2<T>(a[2 * kk + 1][0], a[2 * kk + 1][1]);
-    af[3] = pack2<T>(a[2 * kk + 1][2], a[2 * kk + 1][3]);
+    uint32_t af[SP][4];
+#pragma unroll
+    for (int s = 0; s < SP; ++s) {
+      af[s][0] = pack2<T>(a[s][2 * kk][0], a[s][2 * kk][1]);
+      af[s][1] = pack2<T>(a[s][2 * kk][2], a[s][2 * kk][3]);
+      af[s][2] = pack2<T>(a[s][2 * kk + 1][0], a[s][2 * kk + 1][1]);
+      af[s][3] = pack2<T>(a[s][2 * kk + 1][2], a[s][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int d = 0; d < DT; d += 2) {
       uint32_t bf[4];
       ldmatrix_x4_trans(bf, b + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * ld + d * 8 + 8 * (lane / 16));
-      mma16816<T>(c[d], af, bf[0], bf[1]);
-      mma16816<T>(c[d + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int s = 0; s < SP; ++s) {
+        mma16816<T>(c[s][d], af[s], bf[0], bf[1]);
+        mma16816<T>(c[s][d + 1], af[s], bf[2], bf[3]);
+      }
     }
   }
+}
+template <typename T, int KT, int DT>
+__device__ __forceinline__ void mma_acc_x_tile(float (&c)[DT][4], const float (&a)[2 * KT][4], const T* b, int ld,
+                                               int lane) {
+  mma_acc_x_tile<T, KT, DT, 1>(reinterpret_cast<float(&)[1][DT][4]>(c),
+                               reinterpret_cast<const float(&)[1][2 * KT][4]>(a), b, ld, lane);
 }
 
 // ---- tile loads ---------------------------------------------------------------------------
@@ -291,7 +332,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- block-sparse schedules ---------------------------------------------------------------
 // The kernels walk a BlockSparseSchedule (attention.h) instead of the implicit key range
-// when instantiated with Sparse = true. Every 16-row warp tile (forward, deterministic dQ)
+// when instantiated with Sparse = true. Every warp tile of 16 or 32 rows (forward, dQ)
 // and every 64-row query tile of the backward lies inside one BlockMask block, because
 // block sizes are 64 or 128; so the state of a (rows, keys) tile is uniform per warp:
 enum SparseMode : int { kSkip = 0, kFull = 1, kPartial = 2 };  // not listed / no mask / element mask
@@ -383,7 +424,7 @@ struct SparseKeyWalk {
 template <int N, bool Sparse>
 struct KeyTiles {
   SparseKeyWalk<N> walk;
-  KeyRange kr;
+  int full_begin = 0, full_end = 0;  // dense: keys [full_begin, full_end) need no mask
   int end_j0 = 0;
   bool more = false;
   int next_j0 = 0;
@@ -395,7 +436,9 @@ struct KeyTiles {
       more = walk.next();
       next_j0 = more ? walk.j0() : 0;
     } else {
-      kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+      const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+      full_begin = int(kr.full_begin);  // in [0, sk]
+      full_end = int(kr.full_end);
       const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
       more = kb_begin < kb_end;
       next_j0 = kb_begin * N;
@@ -414,7 +457,7 @@ struct KeyTiles {
       next_j0 = more ? walk.j0() : 0;
     } else {
       mode = kFull;
-      masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+      masked = j0 < full_begin || j0 + N > full_end;
       next_j0 = j0 + N;
       more = next_j0 < end_j0;
     }

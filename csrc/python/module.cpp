@@ -533,6 +533,7 @@ py::dict build_info() {
 #if defined(LONGATTN_WITH_CUDA)
   d["cuda_compiled"] = true;
   d["cuda_archs"] = std::string(LONGATTN_CUDA_ARCHS);
+  d["flash_fwd_strips"] = LONGATTN_FWD_STRIPS;
   d["cuda_device_count"] = cuda::device_count();
   d["cuda_devices"] = cuda::device_names();
   int v = cuda::runtime_version();
@@ -540,6 +541,7 @@ py::dict build_info() {
 #else
   d["cuda_compiled"] = false;
   d["cuda_archs"] = std::string();
+  d["flash_fwd_strips"] = py::none();
   d["cuda_device_count"] = 0;
   d["cuda_devices"] = std::vector<std::string>();
   d["cuda_runtime_version"] = py::none();

@@ -20,6 +20,8 @@ def _info(args: argparse.Namespace) -> int:
         archs = ", ".join(info.get("cuda_archs") or []) or "?"
         runtime = info.get("cuda_runtime_version")
         print(f"  CUDA backend  compiled for {archs}" + (f", CUDA runtime {runtime}" if runtime else ""))
+        if info.get("flash_fwd_strips") not in (None, 2):
+            print(f"  tuning        LONGATTN_FWD_STRIPS={info['flash_fwd_strips']} (flash forward, head dims <= 128)")
     else:
         print("  CUDA backend  not compiled")
     devices = info.get("cuda_devices") or []

@@ -5,7 +5,7 @@
 // tests/test_block_sparse_attention_cuda.py. Cases whose name starts with "sparse" run the
 // block-sparse variants (Sparse = true) against the BlockMask's expanded element mask.
 // Build and run:
-//   tests/cuda_emulation/run.sh [case-substring | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
+//   tests/cuda_emulation/run.sh [case-substring | no-sparse | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 #define LONGATTN_FLASH_EMULATE 1
 #include <cstdio>
 #include <cstdlib>
@@ -317,9 +317,9 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     const emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
     if (cfg.sparse.on) {
       a.sparse = R.bs;
-      emu::launch(grid, Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); });
+      emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); });
     } else {
-      emu::launch(grid, Tr::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); });
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); });
     }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
@@ -373,7 +373,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     else
       emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, false>(a); });
     if (cfg.deterministic) {
-      using Tr = FwdTraits<Dp>;
+      using Tr = DqTraits<Dp>;
       const emu::Dim3 qgrid = G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch));
       if (cfg.sparse.on)
         emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); });
@@ -502,7 +502,11 @@ int main(int argc, char** argv) {
     return sparse_fuzz(argc > 2 ? std::atoi(argv[2]) : 20, argc > 3 ? unsigned(std::atoi(argv[3])) : 1u);
   int fails = 0;
   auto run = [&](const std::string& name, auto fn) {
-    if (!only.empty() && name.find(only) == std::string::npos) return;
+    if (only == "no-sparse") {
+      if (name.rfind("sparse", 0) == 0) return;
+    } else if (!only.empty() && name.find(only) == std::string::npos) {
+      return;
+    }
     fails += !fn();
   };
   Cfg base;

@@ -1,8 +1,10 @@
 #!/bin/sh
 # Builds and runs the host emulation of the CUDA kernels (no GPU needed).
-# Usage: tests/cuda_emulation/run.sh [case-name-substring | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
+# Usage: tests/cuda_emulation/run.sh [case-name-substring | no-sparse | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 #                                                                   flash attention
 #        tests/cuda_emulation/run.sh linear [case-name-substring]   linear attention
+# EMU_CXXFLAGS adds compiler flags, e.g. EMU_CXXFLAGS=-DLONGATTN_FWD_STRIPS=1 for the other
+# flash forward layout.
 set -e
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cuda_inc=""
@@ -14,6 +16,6 @@ done
 test=flash
 if [ "${1:-}" = linear ]; then test=linear; shift; fi
 out=${TMPDIR:-/tmp}/longattn_${test}_emulate
-g++ -std=c++20 -O2 -pthread -I"$cuda_inc" -I"$root/csrc/include" -I"$root/csrc/cuda" \
+g++ -std=c++20 -O2 -pthread ${EMU_CXXFLAGS:-} -I"$cuda_inc" -I"$root/csrc/include" -I"$root/csrc/cuda" \
   -Wno-attributes "$root/tests/cuda_emulation/${test}_emulate_test.cpp" -o "$out"
 exec "$out" "$@"
