@@ -18,6 +18,11 @@ decay, causal, forward and forward+backward.
 
 FLOPs (for TFLOP/s) are those of the chunked form's four products per token,
 2 * (C*K + C*V + 2*K*V) with C = 64; forward+backward counts 3.5 times the forward.
+
+A second entry, ``linear_vs_flash``, answers when linear attention pays off against our own
+causal ``flash_attention`` on the same q, k, v (the issue asks for the crossover to lie at
+T <= 2048): the peer column is flash attention, the ratio flash ms / linear ms, and each
+side's TFLOP/s counts its own FLOPs. The outputs differ by definition and are not compared.
 """
 from __future__ import annotations
 
@@ -147,6 +152,48 @@ def _cases(settings: Settings) -> list[Case]:
             for s in _SEQLENS[settings.size] for decay in ("none", "per-head")]
 
 
+_CROSS_SEQLENS = {"quick": (128, 256), "default": (1024, 2048, 4096), "full": (1024, 2048, 4096, 8192, 16384)}
+
+
+def _cross_setup(settings: Settings, B: int, S: int, H: int, D: int) -> list[Workload]:
+    import torch
+
+    import longattn
+
+    from .attention import forward_flops as attention_flops
+
+    dev, dtype = settings.device, settings.torch_dtype
+    gen = torch.Generator(device=dev).manual_seed(S)
+    q, k, v, d_out = (torch.randn(B, S, H, D, generator=gen, device=dev, dtype=dtype) for _ in range(4))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn(*leaves)
+            return (out.detach(),) + torch.autograd.grad(out, leaves, d_out)
+
+        return run
+
+    def linear(q_, k_, v_):
+        return longattn.linear_attention(q_, k_, v_)
+
+    def flash(q_, k_, v_):
+        return longattn.flash_attention(q_, k_, v_, causal=True)
+
+    flops, flash_flops = forward_flops(B, S, H, D, D), attention_flops(B, S, S, H, D, True)
+    return [Workload("fwd", lambda: linear(q, k, v), lambda: flash(q, k, v), flops=flops, peer_flops=flash_flops),
+            Workload("fwd+bwd", fwd_bwd(linear), fwd_bwd(flash), flops=3.5 * flops, peer_flops=3.5 * flash_flops)]
+
+
+def _cross_cases(settings: Settings) -> list[Case]:
+    if settings.device == "cuda":
+        b, h, d = (1, 2, 32) if settings.size == "quick" else (1, 16, 128)
+    else:
+        b, h, d = (1, 2, 32) if settings.size == "quick" else (1, 8, 64)
+    return [Case({"B": b, "S": s, "H": h, "D": d}, lambda s=s: _cross_setup(settings, b, s, h, d))
+            for s in _CROSS_SEQLENS[settings.size]]
+
+
 def _versions() -> dict:
     import torch
 
@@ -170,4 +217,16 @@ register(Entry(
     cases=_cases,
     default_dtype={"cpu": "float32", "cuda": "bfloat16"},
     versions=_versions,
+))
+
+register(Entry(
+    name="linear_vs_flash",
+    description="where causal linear attention overtakes causal softmax attention: longattn.linear_attention "
+                "(no decay, 64-token chunks) against longattn.flash_attention(causal=True) on the same (B, S, H, D) "
+                "inputs, forward and forward+backward; each side's TFLOP/s counts its own FLOPs",
+    peer="longattn.flash_attention, causal (our own kernel); ratio = flash ms / linear ms, > 1 where linear "
+         "attention is faster",
+    sweep="S",
+    cases=_cross_cases,
+    default_dtype={"cpu": "float32", "cuda": "bfloat16"},
 ))
