@@ -19,6 +19,7 @@ SUITES = {
     "flash": ([], {}),
     "flash-strips1": (["no-sparse"], {"EMU_CXXFLAGS": "-DLONGATTN_FWD_STRIPS=1"}),
     "linear": (["linear"], {}),
+    "rope": (["rope"], {}),
 }
 
 

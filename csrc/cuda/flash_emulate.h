@@ -1,5 +1,5 @@
-// Host emulation of the warp-level primitives used by the flash attention kernels, so the
-// kernels themselves (their fragment indexing, masking, pipelines) can be executed and
+// Host emulation of the warp-level primitives used by the flash attention kernels (and the
+// linear attention and RoPE kernels), so the kernels themselves (their fragment indexing, masking, pipelines) can be executed and
 // checked on a machine without a GPU (tests/cuda_emulation). Each CUDA thread of a CTA is
 // a std::thread; CTAs run one after another. The emulated semantics follow the PTX ISA
 // text quoted in flash_common.cuh:
@@ -33,7 +33,7 @@ namespace emu {
 struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local Dim3 tid, bid;
+inline thread_local Dim3 tid, bid, bdim, gdim;  // threadIdx, blockIdx, blockDim, gridDim
 
 struct Cta {
   int threads;
@@ -70,6 +70,8 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
           ts.emplace_back([&, t] {
             tid = Dim3{unsigned(t), 0, 0};
             bid = Dim3{x, y, z};
+            bdim = Dim3{unsigned(threads), 1, 1};
+            gdim = grid;
             groups.clear();
             pending.clear();
             body();
@@ -203,8 +205,12 @@ inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 
 #undef threadIdx
 #undef blockIdx
+#undef blockDim
+#undef gridDim
 #define threadIdx (::longattn::cuda::flash::emu::tid)
 #define blockIdx (::longattn::cuda::flash::emu::bid)
+#define blockDim (::longattn::cuda::flash::emu::bdim)
+#define gridDim (::longattn::cuda::flash::emu::gdim)
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif

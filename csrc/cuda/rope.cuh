@@ -2,6 +2,7 @@
 // the float32 angle position * inv_freq once into shared memory (accurate sincosf, no
 // fast-math), then its threads rotate every q and k head of that token with 16-byte
 // vector loads when alignment allows. Memory-bound: each element is read and written once.
+// Checked on the host by tests/cuda_emulation (run.sh rope); not yet run on a GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,9 +10,15 @@
 #include <cuda_runtime.h>
 
 #include "longattn/rope.h"
+#if defined(LONGATTN_FLASH_EMULATE)  // host emulation (tests/cuda_emulation)
+#include "flash_emulate.h"
+#endif
 
 namespace longattn {
 namespace cuda {
+#if defined(LONGATTN_FLASH_EMULATE)
+using flash::__syncthreads;
+#endif
 
 constexpr int kRopeThreads = 128;
 constexpr int64_t kMaxGrid = 1 << 30;
@@ -109,8 +116,12 @@ __device__ __forceinline__ void rotate_token(const RopeParams& p, int64_t b, int
 
 template <typename T, bool Interleaved, int V>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+#if defined(LONGATTN_FLASH_EMULATE)
+  static float cs[kRopeMaxHalf], sn[kRopeMaxHalf];  // the emulation runs one CTA at a time
+#else
   __shared__ float cs[kRopeMaxHalf];
   __shared__ float sn[kRopeMaxHalf];
+#endif
   const int half = int(p.rotary_half);
   const int64_t tokens = p.batch * p.seqlen;
   for (int64_t token = blockIdx.x; token < tokens; token += gridDim.x) {
@@ -151,6 +162,7 @@ inline bool rope_vectorizable(const RopeParams& p) {
   return ok;
 }
 
+#if !defined(LONGATTN_FLASH_EMULATE)
 template <typename T, bool Interleaved>
 cudaError_t launch_rope(const RopeParams& p, cudaStream_t stream) {
   const int64_t tokens = p.batch * p.seqlen;
@@ -162,6 +174,7 @@ cudaError_t launch_rope(const RopeParams& p, cudaStream_t stream) {
     rope_kernel<T, Interleaved, 1><<<grid, kRopeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
+#endif  // !LONGATTN_FLASH_EMULATE
 
 }  // namespace cuda
 }  // namespace longattn
