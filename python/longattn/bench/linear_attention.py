@@ -90,6 +90,17 @@ def fla_chunk():
 _PEER_NOTE_SHOWN = []
 
 
+def _forward_backward(fn, leaves, d_out):
+    """A callable running fn(*leaves) and its gradients with respect to the leaves."""
+    import torch
+
+    def run():
+        out = fn(*leaves)
+        return (out.detach(),) + torch.autograd.grad(out, leaves, d_out)
+
+    return run
+
+
 def _setup(settings: Settings, B: int, S: int, H: int, D: int, decay: str) -> list[Workload]:
     import torch
 
@@ -120,11 +131,7 @@ def _setup(settings: Settings, B: int, S: int, H: int, D: int, decay: str) -> li
         return peer(q, k, v, g)
 
     def fwd_bwd(fn):
-        def run():
-            out = fn(*leaves, g)
-            return (out.detach(),) + torch.autograd.grad(out, leaves, d_out)
-
-        return run
+        return _forward_backward(lambda *x: fn(*x, g), leaves, d_out)
 
     def compare(ours_out, peer_out):
         if isinstance(peer_out, torch.Tensor):
@@ -168,11 +175,7 @@ def _cross_setup(settings: Settings, B: int, S: int, H: int, D: int) -> list[Wor
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
     def fwd_bwd(fn):
-        def run():
-            out = fn(*leaves)
-            return (out.detach(),) + torch.autograd.grad(out, leaves, d_out)
-
-        return run
+        return _forward_backward(fn, leaves, d_out)
 
     def linear(q_, k_, v_):
         return longattn.linear_attention(q_, k_, v_)
