@@ -12,6 +12,24 @@
 // The normalizer is a ninth 8-column n-tile whose first column is a value column of ones,
 // present in every value tile so each CTA can divide its own outputs.
 //
+// Operand pipeline: when q, k and v all qualify for 16-byte cp.async (dim % 8 == 0, 16-byte
+// aligned base, strides multiples of 8 elements; LinearArgs::async_ok, set by chunk_launch)
+// and two tile stages fit in shared memory (Kp = 64, 128; ChunkTraits::kStages), the q, k,
+// v tiles are double buffered: while chunk c is computed from stage c % 2, chunk c + 1's raw
+// rows are in flight into the other stage (one cp.async group per chunk, issued at the top
+// of the iteration, after the previous iteration's trailing barrier released that stage;
+// cp.async.wait_group 1 then a barrier before use). Rows past a partial last chunk are
+// zero filled by cp.async; tile columns it never writes (padding, value columns past the
+// value dim) are zeroed once per stage, and ones columns are rewritten with each chunk (1
+// on rows < L, 0 below, as the synchronous loads do: the in-place key decay scales them).
+// After a chunk lands, each thread applies the feature map and key / value multipliers to
+// the 16-byte pieces it copied itself (rows < L, columns < dim), so no extra barrier is
+// needed; the query multiplier goes to the output accumulators instead (O and the
+// normalizer are linear in q) unless the query carries a ones column. The log-decays are
+// read one chunk ahead into a register. The non-causal walk (K, V chunks, then Q chunks)
+// is pipelined as one sequence of steps, across the seam too. Otherwise (e.g. an odd dim,
+// Kp = 256) the tiles are loaded synchronously through registers, one stage.
+//
 // Operands are general (pointer, strides, dim, feature map, multiplier, optional column of
 // ones) and the walk can run backwards in time, so the backward pass is three more walks of
 // this kernel with the roles of q, k, v, dout permuted (linear_attention.cu):
@@ -28,8 +46,8 @@
 // thread (column c, row group y) holds state rows y + 8i of column c in registers; with
 // normalize a ninth warp carries z.
 //
-// These kernels have been checked in host emulation (tests/cuda_emulation) only; they have
-// not run on a GPU yet.
+// These kernels, the pipeline included, have been checked in host emulation
+// (tests/cuda_emulation) only; they have not run on a GPU yet.
 #pragma once
 
 #include <vector>
@@ -41,6 +59,9 @@ namespace longattn {
 namespace cuda {
 namespace linear {
 
+using flash::cp_async16;
+using flash::cp_async_commit;
+using flash::cp_async_wait;
 using flash::from_f;
 using flash::ldmatrix_x4;
 using flash::ldmatrix_x4_trans;
@@ -97,6 +118,9 @@ struct LinearArgs {
   int64_t seqlen = 0;
   int batch = 0, heads = 0, vtiles = 1;
   bool causal = true, reverse = false;
+  // Set by chunk_launch(): q, k, v all qualify for 16-byte cp.async (dim % 8 == 0, base
+  // 16-byte aligned, strides multiples of 8 elements) and the key bucket has two stages.
+  bool async_ok = false;
 };
 
 // Dynamic shared memory (the emulation's is one host array).
@@ -208,6 +232,57 @@ __device__ __forceinline__ void load_operand(T* dst, const Operand& op, const Li
   }
 }
 
+// Rows [0, L) of walk steps t0.. of operand `op`, memory columns col0 + [0, ncols), into a
+// tile (pitch LD) through 16-byte cp.async; rows [L, kChunk) of those columns are zero
+// filled (src_bytes = 0, nothing read). ncols % 8 == 0 and the operand qualifies for
+// cp.async (LinearArgs::async_ok). With ones_at >= 0 that column is set to 1 on rows < L
+// and 0 below with plain stores (ones columns lie outside [0, ncols)). Nothing else of the
+// tile is written.
+template <typename T, int COLS, int LD, int THREADS>
+__device__ __forceinline__ void issue_operand(T* dst, const Operand& op, const LinearArgs& a, const Item& it, int t0,
+                                              int L, int col0, int ncols, int ones_at) {
+  constexpr int CH = COLS / 8;
+  for (int c = threadIdx.x; c < kChunk * CH; c += THREADS) {
+    const int r = c / CH, col = (c % CH) * 8;
+    if (col >= ncols) continue;
+    const T* src = row_ptr<T>(op.ptr, op.stride, it, mem_tok(a, it, t0 + (r < L ? r : 0))) + col0 + col;
+    cp_async16(dst + r * LD + col, src, r < L ? 16 : 0);
+  }
+  if (ones_at >= 0)
+    for (int r = threadIdx.x; r < kChunk; r += THREADS) dst[r * LD + ones_at] = from_f<T>(r < L ? 1.f : 0.f);
+}
+
+// x -> mul * phi(x) on rows [0, L), columns [0, ncols) of a tile filled by issue_operand,
+// eight elements at a time. Same loop as issue_operand, so each thread rewrites exactly the
+// 16-byte pieces its own cp.async wrote: after its cp.async.wait_group they are visible to
+// it without a barrier.
+template <typename T, int COLS, int LD, int THREADS>
+__device__ __forceinline__ void transform_operand(T* dst, int L, int ncols, int fmap, float mul) {
+  constexpr int CH = COLS / 8;
+  for (int c = threadIdx.x; c < kChunk * CH; c += THREADS) {
+    const int r = c / CH, col = (c % CH) * 8;
+    if (col >= ncols || r >= L) continue;
+    uint4* p = reinterpret_cast<uint4*>(dst + r * LD + col);
+    alignas(16) T x[8];
+    *reinterpret_cast<uint4*>(x) = *p;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = from_f<T>(mul * phi(fmap, to_f<T>(x[e])));
+    *p = *reinterpret_cast<const uint4*>(x);
+  }
+}
+
+// Zeroes columns [c_begin, COLS) except `skip` on all kChunk rows of a tile (plain stores):
+// the columns issue_operand never writes.
+template <typename T, int COLS, int LD, int THREADS>
+__device__ __forceinline__ void zero_columns(T* dst, int c_begin, int skip) {
+  const int w = COLS - c_begin;
+  if (w <= 0) return;
+  for (int e = threadIdx.x; e < kChunk * w; e += THREADS) {
+    const int r = e / w, c = c_begin + e % w;
+    if (c != skip) dst[r * LD + c] = from_f<T>(0.f);
+  }
+}
+
 // ---- chunk kernel ----------------------------------------------------------------------------
 template <int Kp>
 struct ChunkTraits {
@@ -216,23 +291,39 @@ struct ChunkTraits {
   static constexpr int VLD = VC + 8;
   static constexpr int SP = 76;       // float state pitch: B-fragment reads hit 32 distinct banks
   static constexpr int NT = kVTile / 8 + 1;  // value n-tiles incl. the normalizer
-  static constexpr int smem_bytes() {
-    return 2 * kChunk * LD * 2 + kChunk * VLD * 2 + Kp * SP * 4 + 3 * kChunk * 4;
-  }
+  static constexpr int kStageBytes = (2 * kChunk * LD + kChunk * VLD) * 2;  // one q, k, v tile set
+  // Layout: stage 0 | state | b, exp(b), exp(b_L - b) | stage 1 (async path only).
+  static constexpr int kStage1 = kStageBytes + Kp * SP * 4 + 3 * kChunk * 4;  // byte offset of stage 1
+  static constexpr int smem_bytes(int stages) { return kStage1 + (stages - 1) * kStageBytes; }
+  // Two stages (cp.async double buffering) where they fit in the 227 KB of an sm90 CTA:
+  // Kp = 64 (79,616 B) and 128 (131,840 B); Kp = 256 (236,288 B) stays single buffered.
+  static constexpr int kStages = smem_bytes(2) <= 227 * 1024 ? 2 : 1;
 };
 
+// At most two CTAs share an SM (shared memory: 79.6 KB at Kp = 64 with two stages, more
+// elsewhere); saying so lets ptxas use up to 255 registers instead of aiming at three CTAs
+// (168 registers, with spills).
 template <typename T, int Kp>
-__global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const LinearArgs a) {
+__global__ void __launch_bounds__(kChunkThreads, 2) linear_chunk_kernel(const LinearArgs a) {
   using Tr = ChunkTraits<Kp>;
   constexpr int LD = Tr::LD, VLD = Tr::VLD, SP = Tr::SP, NT = Tr::NT, KS = Kp / 16;
   LINEAR_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kChunk * LD;
-  T* sV = sK + kChunk * LD;
-  float* sS = reinterpret_cast<float*>(sV + kChunk * VLD);
+  float* sS = reinterpret_cast<float*>(smem + Tr::kStageBytes);
   float* sb = sS + Kp * SP;  // cumulative log-decay b
   float* seb = sb + kChunk;  // exp(b)
   float* sebl = seb + kChunk;  // exp(b_L - b), 0 past the chunk
+  // cp.async double buffering (see the header comment); the synchronous path uses stage 0.
+  const bool async = Tr::kStages > 1 && a.async_ok;
+  auto stage = [&](int buf) { return smem + (buf ? Tr::kStage1 : 0); };
+  // The working tiles (stage `buf`), reassigned per chunk.
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kChunk * LD;
+  T* sV = sK + kChunk * LD;
+  auto use_stage = [&](int buf) {
+    sQ = reinterpret_cast<T*>(stage(buf));
+    sK = sQ + kChunk * LD;
+    sV = sK + kChunk * LD;
+  };
 
   const int vt = int(blockIdx.x % unsigned(a.vtiles));
   const int n = int(blockIdx.x / unsigned(a.vtiles));
@@ -251,16 +342,20 @@ __global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const Linea
     sS[e] = (r < R && vc >= 0) ? state_get(a.s0, item, r, vc) : 0.f;
   }
   const int qones = a.q.ones ? a.q.dim : -1, kones = a.k.ones ? a.k.dim : -1;
+  // Async path without a query ones column: the query multiplier is applied to the output
+  // accumulators (O and n are linear in q); with one (left at 1, unscaled) it stays in the tile.
+  const bool qmul_out = async && !a.q.ones;
+  const float qmul = qmul_out ? a.q.mul : 1.f;
   const int vones = norm ? kVTile : -1;
   float ebL = 1.f;
 
-  auto load_decays = [&](int t0, int L) {
+  // Log-decay of walk step t0 + tid of the chunk at t0 (0 past T), read one chunk ahead into
+  // a register so the load's latency hides behind a chunk of work.
+  auto decay_of = [&](int t0) { return a.g && tid < kChunk && t0 + tid < it.T ? walk_decay(a, it, t0 + tid) : 0.f; };
+  // x: decay_of(t0).
+  auto load_decays = [&](int L, float x) {
     if (!a.g) return;
-    float x = 0.f;
-    if (tid < kChunk) {
-      x = tid < L ? walk_decay(a, it, t0 + tid) : 0.f;
-      sb[tid] = x;
-    }
+    if (tid < kChunk) sb[tid] = x;
     __syncthreads();
     for (int off = 1; off < kChunk; off *= 2) {
       const float y = (tid < kChunk && tid >= off) ? sb[tid - off] : 0.f;
@@ -341,8 +436,8 @@ __global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const Linea
       }
     }
     const int rl = r0 + g, rh = rl + 8;
-    if (a.g) {
-      const float el = seb[rl], eh = seb[rh];
+    if (a.g || qmul != 1.f) {
+      const float el = (a.g ? seb[rl] : 1.f) * qmul, eh = (a.g ? seb[rh] : 1.f) * qmul;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         o[j][0] *= el;
@@ -357,8 +452,8 @@ __global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const Linea
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >= 2 ? rh : rl, jj = 8 * j + 2 * t + (e & 1);
-          float f = jj <= i ? 1.f : 0.f;
-          if (a.g && jj <= i) f = expf(sb[i] - sb[jj]);
+          float f = jj <= i ? qmul : 0.f;
+          if (a.g && jj <= i) f = qmul * expf(sb[i] - sb[jj]);
           sc[j][e] *= f;
         }
 #pragma unroll
@@ -402,21 +497,79 @@ __global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const Linea
       }
   };
 
-  const int T_ = it.T;
+  const int T_ = it.T, nch = (T_ + kChunk - 1) / kChunk;
+  const int vcols = min(kVTile, C - c0);  // value columns of this CTA held in memory
+  // Async path: the tiles hold the raw rows (cp.async); feature maps and multipliers are
+  // applied in place once a chunk has landed (the query multiplier mostly to O: qmul).
+  const float qtile_mul = qmul_out ? 1.f : a.q.mul;
+  const bool qfix = a.q.fmap != 0 || qtile_mul != 1.f;
+  const bool kfix = a.k.fmap != 0 || a.k.mul != 1.f, vfix = a.v.fmap != 0 || a.v.mul != 1.f;
+  auto issue_q = [&](int buf, int t0, int L) {
+    issue_operand<T, Kp, LD, kChunkThreads>(reinterpret_cast<T*>(stage(buf)), a.q, a, it, t0, L, 0, a.q.dim, qones);
+  };
+  auto issue_kv = [&](int buf, int t0, int L) {
+    T* k = reinterpret_cast<T*>(stage(buf)) + kChunk * LD;
+    issue_operand<T, Kp, LD, kChunkThreads>(k, a.k, a, it, t0, L, 0, a.k.dim, kones);
+    issue_operand<T, Tr::VC, VLD, kChunkThreads>(k + kChunk * LD, a.v, a, it, t0, L, c0, vcols, vones);
+  };
+  if (async) {  // columns cp.async never writes: zero once in both stages (ones columns: per chunk)
+    for (int buf = 0; buf < 2; ++buf) {
+      T* q = reinterpret_cast<T*>(stage(buf));
+      zero_columns<T, Kp, LD, kChunkThreads>(q, a.q.dim, qones);
+      zero_columns<T, Kp, LD, kChunkThreads>(q + kChunk * LD, a.k.dim, kones);
+      zero_columns<T, Tr::VC, VLD, kChunkThreads>(q + 2 * kChunk * LD, vcols, vones);
+    }
+  }
+
   if (a.causal) {
-    for (int t0 = 0; t0 < T_; t0 += kChunk) {
-      const int L = min(kChunk, T_ - t0);
-      load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sQ, a.q, a, it, t0, L, 0, qones);
-      load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sK, a.k, a, it, t0, L, 0, kones);
-      load_operand<T, kChunk, Tr::VC, kVTile, VLD, kChunkThreads>(sV, a.v, a, it, t0, L, c0, vones);
-      load_decays(t0, L);
+    if (async) {
+      if (nch > 0) {
+        if (a.out) issue_q(0, 0, min(kChunk, T_));
+        issue_kv(0, 0, min(kChunk, T_));
+      }
+      cp_async_commit();
+    }
+    float gnext = decay_of(0);
+    for (int c = 0; c < nch; ++c) {
+      const int t0 = c * kChunk, L = min(kChunk, T_ - t0);
+      const float gcur = gnext;
+      gnext = decay_of(t0 + kChunk);
+      if (async) {
+        const int buf = c & 1;
+        // Stage buf ^ 1 was last read by chunk c - 1, before its trailing barrier.
+        if (c + 1 < nch) {
+          const int Ln = min(kChunk, T_ - t0 - kChunk);
+          if (a.out) issue_q(buf ^ 1, t0 + kChunk, Ln);
+          issue_kv(buf ^ 1, t0 + kChunk, Ln);
+        }
+        cp_async_commit();
+        load_decays(L, gcur);
+        cp_async_wait<1>();  // this thread's copies of chunk c have landed
+        use_stage(buf);
+        if (qfix && a.out) transform_operand<T, Kp, LD, kChunkThreads>(sQ, L, a.q.dim, a.q.fmap, qtile_mul);
+        if (kfix) transform_operand<T, Kp, LD, kChunkThreads>(sK, L, a.k.dim, a.k.fmap, a.k.mul);
+        if (vfix) transform_operand<T, Tr::VC, VLD, kChunkThreads>(sV, L, vcols, a.v.fmap, a.v.mul);
+      } else {
+        load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sQ, a.q, a, it, t0, L, 0, qones);
+        load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sK, a.k, a, it, t0, L, 0, kones);
+        load_operand<T, kChunk, Tr::VC, kVTile, VLD, kChunkThreads>(sV, a.v, a, it, t0, L, c0, vones);
+        load_decays(L, gcur);
+      }
       __syncthreads();
       if (a.out) outputs(t0, L, true);
       __syncthreads();
-      if (a.g) {  // K rows decayed to the chunk end
-        for (int e = tid; e < kChunk * Kp; e += kChunkThreads) {
-          T* x = sK + (e / Kp) * LD + e % Kp;
-          *x = from_f<T>(to_f<T>(*x) * sebl[e / Kp]);
+      if (a.g) {  // K rows decayed to the chunk end (columns >= R are zero)
+        constexpr int CH = Kp / 8;
+        for (int e = tid; e < kChunk * CH; e += kChunkThreads) {
+          const int r = e / CH, col = (e % CH) * 8;
+          if (col >= R) continue;
+          uint4* p = reinterpret_cast<uint4*>(sK + r * LD + col);
+          alignas(16) T x[8];
+          *reinterpret_cast<uint4*>(x) = *p;
+          const float f = sebl[r];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) x[j] = from_f<T>(to_f<T>(x[j]) * f);
+          *p = *reinterpret_cast<const uint4*>(x);
         }
         __syncthreads();
       }
@@ -424,22 +577,44 @@ __global__ void __launch_bounds__(kChunkThreads) linear_chunk_kernel(const Linea
       __syncthreads();
     }
   } else {
-    for (int t0 = 0; t0 < T_; t0 += kChunk) {
-      const int L = min(kChunk, T_ - t0);
-      load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sK, a.k, a, it, t0, L, 0, kones);
-      load_operand<T, kChunk, Tr::VC, kVTile, VLD, kChunkThreads>(sV, a.v, a, it, t0, L, c0, vones);
+    // Two walks as one sequence of steps: K, V chunks into the state, then (with outputs)
+    // Q chunks against the final state; the async path prefetches across the seam.
+    const int steps = nch + (a.out ? nch : 0);
+    auto issue_step = [&](int s, int buf) {
+      const int t0 = (s < nch ? s : s - nch) * kChunk, L = min(kChunk, T_ - t0);
+      if (s < nch) issue_kv(buf, t0, L);
+      else issue_q(buf, t0, L);
+    };
+    if (async) {
+      if (steps > 0) issue_step(0, 0);
+      cp_async_commit();
+    }
+    for (int s = 0; s < steps; ++s) {
+      const bool kv = s < nch;
+      const int t0 = (kv ? s : s - nch) * kChunk, L = min(kChunk, T_ - t0);
+      if (async) {
+        const int buf = s & 1;
+        if (s + 1 < steps) issue_step(s + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        use_stage(buf);
+        if (kv) {
+          if (kfix) transform_operand<T, Kp, LD, kChunkThreads>(sK, L, a.k.dim, a.k.fmap, a.k.mul);
+          if (vfix) transform_operand<T, Tr::VC, VLD, kChunkThreads>(sV, L, vcols, a.v.fmap, a.v.mul);
+        } else if (qfix) {
+          transform_operand<T, Kp, LD, kChunkThreads>(sQ, L, a.q.dim, a.q.fmap, qtile_mul);
+        }
+      } else if (kv) {
+        load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sK, a.k, a, it, t0, L, 0, kones);
+        load_operand<T, kChunk, Tr::VC, kVTile, VLD, kChunkThreads>(sV, a.v, a, it, t0, L, c0, vones);
+      } else {
+        load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sQ, a.q, a, it, t0, L, 0, qones);
+      }
       __syncthreads();
-      update_state(L);
+      if (kv) update_state(L);
+      else outputs(t0, L, false);
       __syncthreads();
     }
-    if (a.out)
-      for (int t0 = 0; t0 < T_; t0 += kChunk) {
-        const int L = min(kChunk, T_ - t0);
-        load_operand<T, kChunk, Kp, Kp, LD, kChunkThreads>(sQ, a.q, a, it, t0, L, 0, qones);
-        __syncthreads();
-        outputs(t0, L, false);
-        __syncthreads();
-      }
   }
   if (a.s1.s || a.s1.z) {
     // A reversed walk ends one decay short of the adjoint of the initial state: exp(g_0).
@@ -761,8 +936,13 @@ inline Launch chunk_launch(const LinearArgs& a) {
   l.gx = unsigned(int64_t(a.batch) * l.a.vtiles);
   l.gy = unsigned(a.heads);
   l.threads = kChunkThreads;
-  l.smem = l.kp == 64 ? ChunkTraits<64>::smem_bytes() : l.kp == 128 ? ChunkTraits<128>::smem_bytes()
-                                                                     : ChunkTraits<256>::smem_bytes();
+  const int stages = l.kp == 64 ? ChunkTraits<64>::kStages : l.kp == 128 ? ChunkTraits<128>::kStages
+                                                                         : ChunkTraits<256>::kStages;
+  auto cp_async_ok = [](const Operand& o) { return o.dim % 8 == 0 && flash::vec_ok(o.ptr, o.stride); };
+  l.a.async_ok = stages > 1 && cp_async_ok(a.q) && cp_async_ok(a.k) && cp_async_ok(a.v);
+  const int used = l.a.async_ok ? stages : 1;
+  l.smem = l.kp == 64 ? ChunkTraits<64>::smem_bytes(used) : l.kp == 128 ? ChunkTraits<128>::smem_bytes(used)
+                                                                         : ChunkTraits<256>::smem_bytes(used);
   return l;
 }
 

@@ -271,12 +271,19 @@ struct Run {
 
 emu::Dim3 G(unsigned x, unsigned y) { return {x, y, 1}; }
 
+int g_chunk_walks = 0, g_async_walks = 0;  // chunk launches run, of them on the cp.async path
+
 template <typename T>
 void run_plan(const std::vector<lin::Launch>& plan) {
   for (const lin::Launch& l : plan) {
     const emu::Dim3 grid = G(l.gx, l.gy);
     switch (l.kind) {
       case lin::KernelKind::Chunk:
+        ++g_chunk_walks;
+        g_async_walks += l.a.async_ok ? 1 : 0;
+        // Shared memory holds garbage on a GPU: start from NaNs so a tile column the kernel
+        // forgets to write shows up (the first CTA of each launch sees them).
+        std::memset(smem_raw, 0xff, sizeof(smem_raw));
         if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 64>(l.a); });
         else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 128>(l.a); });
         else emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 256>(l.a); });
@@ -310,6 +317,7 @@ double err(const std::vector<X>& x, const std::vector<double>& r, double& scale)
 template <typename T>
 bool run_case(const std::string& name, const Cfg& cfg) {
   Run<T> R(cfg);
+  g_chunk_walks = g_async_walks = 0;
   std::vector<double> ro, rS, rz, rdq, rdk, rdv, rdS0, rdz0, rdg;
   R.reference(ro, rS, rz, rdq, rdk, rdv, rdS0, rdz0, rdg);
   const double tol = std::is_same_v<T, __half> ? 1e-2 : 4e-2;  // of the reference's max |x|
@@ -362,10 +370,145 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     if (cfg.normalize) check("dz0", R.dz0, rdz0);
     if (cfg.decay) check("dlog_decay", R.dg, rdg);
   }
-  std::printf("%s %s (worst error %.2g of max |ref|, tolerance %.2g)\n", ok ? "ok  " : "FAIL", name.c_str(), worst,
-              tol);
+  std::printf("%s %s (worst error %.2g of max |ref|, tolerance %.2g; cp.async in %d of %d chunk walks)\n",
+              ok ? "ok  " : "FAIL", name.c_str(), worst, tol, g_async_walks, g_chunk_walks);
   std::fflush(stdout);
   return ok;
+}
+
+// One chunk walk launched directly, with columns of ones on all three operands (q~ = [q, 1],
+// k~ = [k, 1], v~ = [v, 1]; the plans never pair ones columns with cp.async-eligible dims),
+// feature maps and multipliers on all three, optional per-token decay and a reversed or
+// non-causal walk. Runs the cp.async path and the synchronous one (two cases; returns the
+// failures), each compared with a float64 token recurrence over the augmented operands:
+// o_t = S_t^T q~_t over all V + 1 columns, S_T (and z_T) stored.
+template <typename T>
+int ones_case(const std::string& name, bool causal, bool reverse, bool decay, int Tn, int V) {
+  const int B = 2, H = 2, K = 16, R = K + 1, Vc = V + 1;
+  const int fq = 2, fk = 1, fv = 1;  // elu1 on k and v: zero-filled rows >= L would map to 1
+  const float mq = 0.25f, mk = 0.5f, mv = 1.5f;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  const int64_t rows = int64_t(B) * Tn * H;
+  std::vector<T> q(size_t(rows * K)), k(size_t(rows * K)), v(size_t(rows * V));
+  for (auto* x : {&q, &k, &v})
+    for (auto& e : *x) e = T(nd(rng));
+  std::vector<float> g(static_cast<size_t>(rows));
+  for (auto& e : g) e = -0.3f * ud(rng);
+  std::vector<float> S0(size_t(B * H * R * V)), z0(size_t(B * H * R));
+  for (auto& e : S0) e = nd(rng);
+  for (auto& e : z0) e = nd(rng);
+
+  lin::LinearArgs a;
+  a.seqlen = Tn;
+  a.batch = B;
+  a.heads = H;
+  a.causal = causal;
+  a.reverse = reverse;
+  auto st = [&](int64_t* s, int D) {
+    s[0] = int64_t(Tn) * H * D;
+    s[1] = int64_t(H) * D;
+    s[2] = D;
+  };
+  int64_t sk[3], sv[3], so[3], sg[3];
+  st(sk, K);
+  st(sv, V);
+  st(so, Vc);
+  st(sg, 1);
+  a.q = lin::operand(q.data(), sk, K, fq, mq, true);
+  a.k = lin::operand(k.data(), sk, K, fk, mk, true);
+  a.v = lin::operand(v.data(), sv, V, fv, mv, true);
+  if (decay) {
+    a.g = g.data();
+    lin::copy3(a.g_stride, sg);
+  }
+  lin::copy3(a.out_stride, so);
+  a.out_cols = Vc;
+  a.out_f32 = true;
+  a.s0 = lin::state_io(S0.data(), z0.data(), R, V, false);
+
+  // reference
+  auto phi = [](int f, double x) { return f == 1 ? (x > 0 ? x + 1 : std::exp(x)) : f == 2 ? (x > 0 ? x : 0) : x; };
+  auto at = [&](int n, int tok, int h, int d, int D) { return ((int64_t(n) * Tn + tok) * H + h) * D + d; };
+  std::vector<double> ro(size_t(rows * Vc)), rS(size_t(B * H * R * V)), rz(size_t(B * H * R));
+  for (int n = 0; n < B; ++n)
+    for (int h = 0; h < H; ++h) {
+      const int64_t item = int64_t(n) * H + h;
+      auto Q = [&](int tok, int r) { return r < K ? mq * phi(fq, double(float(q[at(n, tok, h, r, K)]))) : 1.0; };
+      auto Kf = [&](int tok, int r) { return r < K ? mk * phi(fk, double(float(k[at(n, tok, h, r, K)]))) : 1.0; };
+      auto Vf = [&](int tok, int c) { return c < V ? mv * phi(fv, double(float(v[at(n, tok, h, c, V)]))) : 1.0; };
+      auto Gd = [&](int tok) { return decay ? double(g[at(n, tok, h, 0, 1)]) : 0.0; };
+      std::vector<double> S(size_t(R * Vc));
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < V; ++c) S[r * Vc + c] = S0[item * R * V + r * V + c];
+        S[r * Vc + V] = z0[item * R + r];
+      }
+      auto out_row = [&](int tok) {
+        for (int c = 0; c < Vc; ++c) {
+          double o = 0;
+          for (int r = 0; r < R; ++r) o += Q(tok, r) * S[r * Vc + c];
+          ro[at(n, tok, h, c, Vc)] = o;
+        }
+      };
+      if (causal) {
+        for (int s = 0; s < Tn; ++s) {
+          const int tok = reverse ? Tn - 1 - s : s;
+          const double d = reverse ? (s == 0 ? 1.0 : std::exp(Gd(Tn - s))) : std::exp(Gd(s));
+          for (int r = 0; r < R; ++r)
+            for (int c = 0; c < Vc; ++c) S[r * Vc + c] = d * S[r * Vc + c] + Kf(tok, r) * Vf(tok, c);
+          out_row(tok);
+        }
+        if (reverse && Tn > 0)
+          for (auto& x : S) x *= std::exp(Gd(0));
+      } else {
+        for (int tok = 0; tok < Tn; ++tok)
+          for (int r = 0; r < R; ++r)
+            for (int c = 0; c < Vc; ++c) S[r * Vc + c] += Kf(tok, r) * Vf(tok, c);
+        for (int tok = 0; tok < Tn; ++tok) out_row(tok);
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int c = 0; c < V; ++c) rS[item * R * V + r * V + c] = S[r * Vc + c];
+        rz[item * R + r] = S[r * Vc + V];
+      }
+    }
+
+  const double tol = std::is_same_v<T, __half> ? 1e-2 : 4e-2;
+  int fails = 0;  // of the two paths
+  for (int async = 1; async >= 0; --async) {
+    std::vector<float> o(size_t(rows * Vc), 7.f), S1(rS.size(), 7.f), z1(rz.size(), 7.f);
+    a.out = o.data();
+    a.s1 = lin::state_io(S1.data(), z1.data(), R, V, false);
+    std::vector<lin::Launch> plan = {lin::chunk_launch(a)};
+    if (plan[0].a.async_ok != bool(async)) {
+      if (async) {
+        std::printf("FAIL %s: expected the cp.async path\n", name.c_str());
+        ++fails;
+        continue;
+      }
+      plan[0].a.async_ok = false;  // force the synchronous path
+    }
+    g_chunk_walks = g_async_walks = 0;
+    run_plan<T>(plan);
+    double worst = 0;
+    bool good = true;
+    auto check = [&](const char* what, const std::vector<float>& x, const std::vector<double>& r) {
+      double s;
+      const double e = err(x, r, s), rel = e / std::max(s, 1e-6);
+      worst = std::max(worst, rel);
+      if (rel > tol) std::printf("  %s: max err %.3g (%.3g of max |ref| %.3g)\n", what, e, rel, s);
+      good = good && rel <= tol;
+    };
+    check("out (with normalizer column)", o, ro);
+    check("final S", S1, rS);
+    check("final z", z1, rz);
+    std::printf("%s %s, %s path (worst error %.2g of max |ref|, tolerance %.2g; cp.async in %d of %d chunk walks)\n",
+                good ? "ok  " : "FAIL", name.c_str(), async ? "cp.async" : "synchronous", worst, tol, g_async_walks,
+                g_chunk_walks);
+    std::fflush(stdout);
+    fails += good ? 0 : 1;
+  }
+  return fails;
 }
 
 int main(int argc, char** argv) {
@@ -401,6 +544,32 @@ int main(int argc, char** argv) {
   { Cfg d = c; d.T = 4; d.force = 2; d.K = 130; d.V = 33; d.H = 1; d.normalize = true; d.fmap = 2; d.init = true;
     d.decay = 2; run("step K=130 (bucket 256) normalize V=33 (two tiles)", d); }
   { Cfg d = c; d.varlen = true; d.lens = {1, 3, 0, 2}; d.force = 2; d.decay = 1; d.init = true; run("step varlen", d); }
+  // cp.async double buffering of the chunk kernel (dims % 8 == 0: forward and, without
+  // normalize, all three backward walks; normalize's dO' has V + 1 columns, so its
+  // backward walks are synchronous): five chunks (the stages alternate), partial last chunk.
+  { Cfg d = c; d.T = 300; d.fmap = 1; d.decay = 2; d.init = true; run("pipeline T=300 elu1 gates init", d); }
+  { Cfg d = c; d.T = 300; d.fmap = 2; d.decay = 1; d.normalize = true; d.H = 1;
+    run("pipeline T=300 normalize relu per-head decay", d); }
+  { Cfg d = c; d.T = 300; d.causal = false; d.fmap = 2; d.init = true; run("pipeline non-causal T=300 relu init", d); }
+  { Cfg d = c; d.T = 200; d.causal = false; d.normalize = true; d.H = 1; d.V = 64;
+    run("pipeline non-causal T=200 normalize V=64", d, true); }
+  { Cfg d = c; d.varlen = true; d.lens = {130, 0, 64, 203, 1}; d.decay = 2; d.init = true; d.H = 1;
+    run("pipeline varlen {130, 0, 64, 203, 1} gates init", d); }
+  { Cfg d = c; d.T = 260; d.K = 128; d.V = 128; d.H = 1; d.fmap = 1; d.decay = 2;
+    run("pipeline T=260 K=V=128 (bucket 128, two value tiles) elu1 gates", d, true); }
+  { Cfg d = c; d.T = 300; d.K = 57; d.V = 40; d.H = 1; d.decay = 2; d.init = true;
+    run("fallback T=300 K=57 (odd dim: synchronous) gates init", d); }
+  { Cfg d = c; d.T = 200; d.K = 24; d.V = 21; d.H = 1; d.fmap = 1; d.decay = 1;
+    run("fallback T=200 V=21 (odd value dim: every walk synchronous)", d); }
+  auto ones = [&](const std::string& name, bool causal, bool reverse, bool decay, int Tn, int V) {
+    if (!filter.empty() && name.find(filter) == std::string::npos) return;
+    runs += 2;
+    fails += ones_case<__half>(name, causal, reverse, decay, Tn, V);
+  };
+  ones("ones columns T=200 gates", true, false, true, 200, 24);
+  ones("ones columns T=200 no decay V=72", true, false, false, 200, 72);
+  ones("ones columns reversed T=150 gates", true, true, true, 150, 24);
+  ones("ones columns non-causal T=150", false, false, false, 150, 24);
   std::printf("%d failure(s) in %d cases\n", fails, runs);
   return fails ? 1 : 0;
 }
