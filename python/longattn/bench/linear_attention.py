@@ -159,7 +159,8 @@ def _cases(settings: Settings) -> list[Case]:
             for s in _SEQLENS[settings.size] for decay in ("none", "per-head")]
 
 
-_CROSS_SEQLENS = {"quick": (128, 256), "default": (1024, 2048, 4096), "full": (1024, 2048, 4096, 8192, 16384)}
+_CROSS_SEQLENS = {"quick": (128, 256), "default": (128, 256, 512, 1024, 2048, 4096),
+                  "full": (128, 256, 512, 1024, 2048, 4096, 8192, 16384)}
 
 
 def _cross_setup(settings: Settings, B: int, S: int, H: int, D: int) -> list[Workload]:
