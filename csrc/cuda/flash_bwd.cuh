@@ -13,6 +13,13 @@
 //        dQ += dS K  -> atomicAdd into dq_accum (warp: 16 queries x a slice of dims)
 //     dK is scaled by softmax_scale when stored (S = scale * Q K^T). dK and dV of a kv head
 //     sum every query head of its group in a fixed order: no atomics.
+//     The (head, query tile) pairs form one sequence over the whole group (BwdQueryTiles).
+//     For Dp <= 128 Q, dO, lse and delta are double buffered as in FlashAttention-2: while
+//     tile n is computed, tile n + 1's Q and dO are in flight by cp.async into the other
+//     stage and its lse / delta rows by ordinary loads held in a register until the end of
+//     tile n. At Dp = 192 and 256 two stages exceed sm80's 163 KiB of shared memory, so each
+//     tile is loaded and waited for before it is computed. The double buffering has never
+//     run on a GPU: it is checked in the host emulation only (tests/cuda_emulation).
 //  3. flash_bwd_dq_convert_kernel: dq = scale * dq_accum, rounded to T.
 // deterministic = true replaces the atomic dQ of (2) and the conversion (3) with
 //  3'. flash_bwd_dq_kernel: one CTA per (query block, head, batch), shaped like the forward
@@ -114,13 +121,84 @@ __host__ __device__ inline bool pair_ok(const void* ptr, const int64_t (&stride)
 }
 
 // ---- 2. main kernel -------------------------------------------------------------------------
+// Shared memory of the main kernel with `stages` buffers of Q, dO, lse and delta.
+template <int Dp>
+__host__ __device__ constexpr int bwd_smem_bytes(int stages) {
+  using Tr = BwdTraits<Dp>;
+  return 2 * Tr::kBlockN * (Dp + kPad) * 2                // K, V
+         + stages * 2 * Tr::kBlockM * (Dp + kPad) * 2     // Q, dO
+         + 2 * Tr::kBlockN * (Tr::kBlockM + kPad) * 2     // P^T, dS^T
+         + stages * 2 * Tr::kBlockM * 4;                  // lse, delta
+}
+// Query tiles in flight: two (the next tile's Q, dO, lse, delta load while the current one
+// is computed, as FlashAttention-2) where that fits sm80's 163 KiB of shared memory, i.e.
+// Dp <= 128; one at Dp = 192 and 256 (each tile's load is then waited for at once).
+template <int Dp>
+__host__ __device__ constexpr int bwd_stages() {
+  return bwd_smem_bytes<Dp>(2) <= 163 * 1024 ? 2 : 1;
+}
 template <int Dp>
 constexpr int bwd_smem_bytes() {
-  using Tr = BwdTraits<Dp>;
-  return (2 * Tr::kBlockN + 2 * Tr::kBlockM) * (Dp + kPad) * 2  // K, V, Q, dO
-         + 2 * Tr::kBlockN * (Tr::kBlockM + kPad) * 2            // P^T, dS^T
-         + 2 * Tr::kBlockM * 4;                                  // lse, delta
+  return bwd_smem_bytes<Dp>(bwd_stages<Dp>());
 }
+static_assert(bwd_stages<32>() == 2 && bwd_stages<64>() == 2 && bwd_stages<96>() == 2 && bwd_stages<128>() == 2 &&
+                  bwd_stages<192>() == 1 && bwd_stages<256>() == 1,
+              "bwd stages");
+static_assert(bwd_smem_bytes<256>() <= 227 * 1024, "bwd smem");
+
+// The query tiles a backward CTA visits, in order, over the query heads [h_begin, h_end)
+// of its GQA group: per head, dense, the M-row tiles [qb_begin, qb_end) whose key_range()
+// meets the CTA's keys [j0, j0 + ncols) (masked unless the keys lie inside its
+// [full_begin, full_end)); sparse, the SparseQueryWalk of the key block (masked = partial).
+// next() moves to the next tile (h, i0, masked) and returns false when none is left, so the
+// caller can look one tile ahead for the prefetch.
+template <int M, int N, bool Sparse>
+struct BwdQueryTiles {
+  SparseQueryWalk<M> walk;
+  int qb = 0, qb_begin = 0, qb_end = 0, h_end = 0, kbk = 0;
+  int h = 0, i0 = 0;
+  bool masked = false;
+
+  __device__ __forceinline__ void init(const BlockSparseSchedule& bs, const Seq& s, int b, int h_begin, int h_end_,
+                                       int j0, int qb_begin_, int qb_end_) {
+    h_end = h_end_;
+    if constexpr (Sparse) {
+      h = h_begin;
+      kbk = j0 / int(bs.block_k);
+      walk.init(bs, b, h, kbk, s.sq);
+    } else {
+      h = h_begin - 1;
+      qb_begin = qb_begin_;
+      qb_end = qb = qb_end_;  // the first next() starts head h_begin
+    }
+  }
+  __device__ __forceinline__ bool next(const AttentionParams& p, const BlockSparseSchedule& bs, const Seq& s, int b,
+                                       int j0, int ncols) {
+    if constexpr (Sparse) {
+      while (!walk.next()) {
+        if (++h >= h_end) return false;
+        walk.init(bs, b, h, kbk, s.sq);
+      }
+      i0 = walk.i0();
+      masked = walk.mode == kPartial;
+      return true;
+    } else {
+      for (;;) {
+        if (qb >= qb_end) {
+          if (++h >= h_end) return false;
+          qb = qb_begin;
+          if (qb >= qb_end) continue;
+        }
+        const int i = qb++ * M;
+        const KeyRange kr = key_range_dev(i, min(i + M, s.sq), s.sq, s.sk, p.window_left, p.window_right);
+        if (j0 >= kr.end || j0 + ncols <= kr.begin) continue;  // uniform over the CTA
+        i0 = i;
+        masked = j0 < kr.full_begin || j0 + N > kr.full_end;
+        return true;
+      }
+    }
+  }
+};
 
 template <typename T, int Dp, bool Sparse>
 __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(const BwdArgs args) {
@@ -136,18 +214,21 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   constexpr int QT = M / 16;        // 16-query strips for dQ
   constexpr int DS = W / QT;        // warps sharing a query strip
   constexpr int DQW = Dp / DS;      // dQ columns per warp, in chunks of 16
+  constexpr int STAGES = bwd_stages<Dp>();
   static_assert(W % KT == 0 && M % QS == 0 && QNT % 2 == 0 && Dp % QS == 0 && DNT % 2 == 0, "bwd tiles");
   static_assert(W % QT == 0 && Dp % DS == 0 && DQW % 16 == 0 && M % 16 == 0 && N % 16 == 0, "bwd dq tiles");
+  static_assert(THREADS >= 2 * M, "bwd row statistics: one thread per lse / delta");
 
+  // Stage st: Q at sQ + st * M * LD, dO at sdO + st * M * LD, lse at sStat + st * 2M and
+  // delta right after it (sStat + st * 2M + M).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + N * LD;
   T* sQ = sV + N * LD;
-  T* sdO = sQ + M * LD;
-  T* sP = sdO + M * LD;  // P^T: [key][query]
-  T* sdS = sP + N * LDP;  // dS^T: [key][query]
-  float* sLse = reinterpret_cast<float*>(sdS + N * LDP);  // lse * log2(e), +inf for rows without P
-  float* sDelta = sLse + M;
+  T* sdO = sQ + STAGES * M * LD;
+  T* sP = sdO + STAGES * M * LD;  // P^T: [key][query]
+  T* sdS = sP + N * LDP;          // dS^T: [key][query]
+  float* sStat = reinterpret_cast<float*>(sdS + N * LDP);  // lse * log2(e) (+inf for rows without P), delta
 
   const AttentionGradParams& g = args.g;
   const AttentionParams& p = g.fwd;
@@ -187,172 +268,206 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   const int qb_end = q_begin < q_end ? int((q_end + M - 1) / M) : qb_begin;
   const int jl_lo = kt * 16 + gq, jl_hi = jl_lo + 8;  // this thread's key rows (block-local)
 
-  for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    ScoreMod mod;
-    mod.init(p, s, b, h);
-    const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + s.tq * p.q_stride[1] + h * p.q_stride[2];
-    const T* doh = static_cast<const T*>(g.dout) + b * g.dout_stride[0] + s.tq * g.dout_stride[1] + h * g.dout_stride[2];
-    // Query tiles in visiting order: dense [qb_begin, qb_end) minus those outside the
-    // window, sparse from the walk over this key block's query-side lists.
-    SparseQueryWalk<M> walk;
-    if constexpr (Sparse) walk.init(args.sparse, b, h, j0 / int(args.sparse.block_k), s.sq);
-    for (int qb = qb_begin;; ++qb) {
-      int i0;
-      bool masked;
-      if constexpr (Sparse) {
-        if (!walk.next()) break;
-        i0 = walk.i0();
-        masked = walk.mode == kPartial;
-      } else {
-        if (qb >= qb_end) break;
-        i0 = qb * M;
-        const KeyRange kr = key_range_dev(i0, min(i0 + M, s.sq), s.sq, s.sk, p.window_left, p.window_right);
-        if (j0 >= kr.end || j0 + ncols <= kr.begin) continue;  // uniform over the CTA
-        masked = j0 < kr.full_begin || j0 + N > kr.full_end;
-      }
-      const int rows = min(M, s.sq - i0);
-
-      load_tile<T, M, Dp, THREADS>(sQ, qh + int64_t(i0) * p.q_stride[1], p.q_stride[1], rows, D, args.vec_q);
-      load_tile<T, M, Dp, THREADS>(sdO, doh + int64_t(i0) * g.dout_stride[1], g.dout_stride[1], rows, Dv,
-                                   args.vec_do);
-      cp_async_commit();
-      for (int r = threadIdx.x; r < M; r += THREADS) {
-        float L = INFINITY, dl = 0.f;
-        if (r < rows) {
-          const int64_t tok = s.tq + i0 + r;
-          const float l = p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok * p.lse_stride[2]];
-          L = l == -INFINITY ? INFINITY : l * kLog2e;
-          dl = g.delta[b * g.delta_stride[0] + h * g.delta_stride[1] + tok * g.delta_stride[2]];
-        }
-        sLse[r] = L;
-        sDelta[r] = dl;
-      }
-      cp_async_wait<0>();
-      __syncthreads();
-
-      // S^T = K Q^T and dP^T = V dO^T: rows = keys of strip kt, columns = queries [qs*QW, +QW).
-      float sacc[QNT][4], pacc[QNT][4];
-#pragma unroll
-      for (int n = 0; n < QNT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sacc[n][e] = pacc[n][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < Dp / 16; ++kk) {
-        uint32_t ak[4], av[4];
-        const int arow = kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
-        ldmatrix_x4(ak, sK + arow * LD + acol);
-        ldmatrix_x4(av, sV + arow * LD + acol);
-#pragma unroll
-        for (int n = 0; n < QNT; n += 2) {
-          const int brow = qs * QW + n * 8 + (lane % 8) + 8 * (lane / 16), bcol = kk * 16 + 8 * ((lane / 8) % 2);
-          uint32_t bq[4], bo[4];
-          ldmatrix_x4(bq, sQ + brow * LD + bcol);
-          ldmatrix_x4(bo, sdO + brow * LD + bcol);
-          mma16816<T>(sacc[n], ak, bq[0], bq[1]);
-          mma16816<T>(sacc[n + 1], ak, bq[2], bq[3]);
-          mma16816<T>(pacc[n], av, bo[0], bo[1]);
-          mma16816<T>(pacc[n + 1], av, bo[2], bo[3]);
-        }
-      }
-
-      // P^T and dS^T, element-wise; written to shared memory as T pairs (columns 2t, 2t+1).
-#pragma unroll
-      for (int n = 0; n < QNT; ++n) {
-        const int ql = qs * QW + n * 8 + 2 * t;
-        const int64_t i = int64_t(i0) + ql;
-        const int lo0 = masked ? mod.lo(i) : 0, hi0 = masked ? mod.hi(i) : 0;
-        const int lo1 = masked ? mod.lo(i + 1) : 0, hi1 = masked ? mod.hi(i + 1) : 0;
-        SparseRowMask rm0, rm1;
-        if constexpr (Sparse) {
-          if (masked) {
-            rm0.init(args.sparse, i, s.sq, s.sk);
-            rm1.init(args.sparse, i + 1, s.sq, s.sk);
-          }
-        }
-        const float L0 = sLse[ql], L1 = sLse[ql + 1], d0 = sDelta[ql], d1 = sDelta[ql + 1];
-        float pv[4], dsv[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = j0 + (e < 2 ? jl_lo : jl_hi);
-          const bool c1 = e & 1;
-          float tt;
-          float sc;
-          if constexpr (Sparse) {
-            sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, false, 0, 0, tt);
-            if (masked && !(c1 ? rm1 : rm0).visible(j)) sc = -INFINITY;
-          } else {
-            sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, masked, c1 ? lo1 : lo0, c1 ? hi1 : hi0, tt);
-          }
-          const float pr = exp2f(fmaf(sc, kLog2e, -(c1 ? L1 : L0)));
-          float dsc = pr * (pacc[n][e] - (c1 ? d1 : d0));
-          if (mod.softcap) dsc *= 1.f - tt * tt;
-          pv[e] = pr;
-          dsv[e] = dsc;
-        }
-        *reinterpret_cast<uint32_t*>(sP + jl_lo * LDP + ql) = pack2<T>(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(sP + jl_hi * LDP + ql) = pack2<T>(pv[2], pv[3]);
-        *reinterpret_cast<uint32_t*>(sdS + jl_lo * LDP + ql) = pack2<T>(dsv[0], dsv[1]);
-        *reinterpret_cast<uint32_t*>(sdS + jl_hi * LDP + ql) = pack2<T>(dsv[2], dsv[3]);
-      }
-      __syncthreads();
-
-      // dV += P^T dO and dK += dS^T Q: rows = keys of strip kt, columns [qs*DW, +DW); k = queries.
-#pragma unroll
-      for (int kk = 0; kk < M / 16; ++kk) {
-        uint32_t ap[4], as[4];
-        const int arow = kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
-        ldmatrix_x4(ap, sP + arow * LDP + acol);
-        ldmatrix_x4(as, sdS + arow * LDP + acol);
-#pragma unroll
-        for (int d = 0; d < DNT; d += 2) {
-          const int brow = kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2), bcol = qs * DW + d * 8 + 8 * (lane / 16);
-          uint32_t bo[4], bq[4];
-          ldmatrix_x4_trans(bo, sdO + brow * LD + bcol);
-          ldmatrix_x4_trans(bq, sQ + brow * LD + bcol);
-          mma16816<T>(dv[d], ap, bo[0], bo[1]);
-          mma16816<T>(dv[d + 1], ap, bo[2], bo[3]);
-          mma16816<T>(dk[d], as, bq[0], bq[1]);
-          mma16816<T>(dk[d + 1], as, bq[2], bq[3]);
-        }
-      }
-
-      // dQ partial = dS K over this block's keys: rows = queries of strip qt, columns
-      // [ds*DQW, +DQW) in 16-column chunks; A = dS from dS^T (ldmatrix.trans), B = K (.trans).
-      if (!g.deterministic) {
-        uint32_t a[N / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < N / 16; ++kk)
-          ldmatrix_x4_trans(a[kk], sdS + (kk * 16 + (lane % 8) + 8 * (lane / 16)) * LDP + qt * 16 + 8 * ((lane / 8) % 2));
-        float* dqa = g.dq_accum + b * g.dq_accum_stride[0] + (s.tq + i0) * g.dq_accum_stride[1] +
-                     h * g.dq_accum_stride[2];
-        const int qr_lo = qt * 16 + gq, qr_hi = qr_lo + 8;
-#pragma unroll
-        for (int c = 0; c < DQW / 16; ++c) {
-          const int c0 = ds * DQW + c * 16;
-          if (c0 >= D) break;
-          float acc[2][4] = {};
-#pragma unroll
-          for (int kk = 0; kk < N / 16; ++kk) {
-            uint32_t bk[4];
-            ldmatrix_x4_trans(bk, sK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + c0 + 8 * (lane / 16));
-            mma16816<T>(acc[0], a[kk], bk[0], bk[1]);
-            mma16816<T>(acc[1], a[kk], bk[2], bk[3]);
-          }
-#pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            const int col = c0 + n * 8 + 2 * t;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int r = e < 2 ? qr_lo : qr_hi, cc = col + (e & 1);
-              if (r < rows && cc < D) atomicAdd(dqa + int64_t(r) * g.dq_accum_stride[1] + cc, acc[n][e]);
-            }
-          }
-        }
-      }
-      __syncthreads();  // sQ, sdO, sP, sdS, sLse, sDelta are reloaded next iteration
+  // Q and dO of query tile (h, i0) into stage st through cp.async (the caller commits).
+  auto load_qdo = [&](int h, int i0, int st) {
+    const int rows = min(M, s.sq - i0);
+    const int64_t tok = s.tq + i0;
+    const T* qh = static_cast<const T*>(p.q) + b * p.q_stride[0] + tok * p.q_stride[1] + h * p.q_stride[2];
+    const T* doh = static_cast<const T*>(g.dout) + b * g.dout_stride[0] + tok * g.dout_stride[1] + h * g.dout_stride[2];
+    load_tile<T, M, Dp, THREADS>(sQ + st * M * LD, qh, p.q_stride[1], rows, D, args.vec_q);
+    load_tile<T, M, Dp, THREADS>(sdO + st * M * LD, doh, g.dout_stride[1], rows, Dv, args.vec_do);
+  };
+  // Row statistics of tile (h, i0) in two steps, so that the global load can be issued a
+  // whole tile before its shared-memory store: threads [0, M) read lse of row threadIdx.x,
+  // threads [M, 2M) delta of row threadIdx.x - M (rows past seqlen_q: lse -inf, delta 0);
+  // store_stat writes lse * log2(e), or +inf for lse = -inf (the row sees no key), and delta.
+  auto load_stat = [&](int h, int i0) {
+    const int r = threadIdx.x % M, rows = min(M, s.sq - i0);
+    float x = threadIdx.x < M ? -INFINITY : 0.f;
+    if (threadIdx.x < 2 * M && r < rows) {
+      const int64_t tok = s.tq + i0 + r;
+      x = threadIdx.x < M ? p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + tok * p.lse_stride[2]]
+                          : g.delta[b * g.delta_stride[0] + h * g.delta_stride[1] + tok * g.delta_stride[2]];
     }
+    return x;
+  };
+  auto store_stat = [&](float x, int st) {
+    if (threadIdx.x < M)
+      sStat[st * 2 * M + threadIdx.x] = x == -INFINITY ? INFINITY : x * kLog2e;
+    else if (threadIdx.x < 2 * M)
+      sStat[st * 2 * M + threadIdx.x] = x;
+  };
+
+  BwdQueryTiles<M, N, Sparse> tiles;
+  tiles.init(args.sparse, s, b, hk * group, (hk + 1) * group, j0, qb_begin, qb_end);
+  bool more = tiles.next(p, args.sparse, s, b, j0, ncols);
+  if constexpr (STAGES == 2) {  // the first tile into stage 0
+    if (more) {
+      load_qdo(tiles.h, tiles.i0, 0);
+      store_stat(load_stat(tiles.h, tiles.i0), 0);
+    }
+    cp_async_commit();
   }
-  cp_async_wait<0>();  // K/V group when no query block was visited
+  int st = 0;  // stage of the current tile
+  while (more) {
+    const int h = tiles.h, i0 = tiles.i0;
+    const bool masked = tiles.masked;
+    const int rows = min(M, s.sq - i0);
+    float stat_next = 0.f;
+    if constexpr (STAGES == 2) {
+      // Prefetch the next tile into stage st ^ 1: every warp finished reading it (tile n - 1)
+      // before the trailing __syncthreads() of the previous iteration. One group per
+      // iteration (empty after the last tile), so wait<1> retires exactly this tile's.
+      more = tiles.next(p, args.sparse, s, b, j0, ncols);
+      if (more) {
+        load_qdo(tiles.h, tiles.i0, st ^ 1);
+        stat_next = load_stat(tiles.h, tiles.i0);  // stored to stage st ^ 1 at the end of this tile
+      }
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      load_qdo(h, i0, 0);
+      cp_async_commit();
+      store_stat(load_stat(h, i0), 0);
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cQ = sQ + st * M * LD;
+    const T* cdO = sdO + st * M * LD;
+    const float* sLse = sStat + st * 2 * M;
+    const float* sDelta = sLse + M;
+    ScoreMod mod;  // only the ALiBi slope depends on the head
+    mod.init(p, s, b, h);
+
+    // S^T = K Q^T and dP^T = V dO^T: rows = keys of strip kt, columns = queries [qs*QW, +QW).
+    float sacc[QNT][4], pacc[QNT][4];
+#pragma unroll
+    for (int n = 0; n < QNT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[n][e] = pacc[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Dp / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      const int arow = kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
+      ldmatrix_x4(ak, sK + arow * LD + acol);
+      ldmatrix_x4(av, sV + arow * LD + acol);
+#pragma unroll
+      for (int n = 0; n < QNT; n += 2) {
+        const int brow = qs * QW + n * 8 + (lane % 8) + 8 * (lane / 16), bcol = kk * 16 + 8 * ((lane / 8) % 2);
+        uint32_t bq[4], bo[4];
+        ldmatrix_x4(bq, cQ + brow * LD + bcol);
+        ldmatrix_x4(bo, cdO + brow * LD + bcol);
+        mma16816<T>(sacc[n], ak, bq[0], bq[1]);
+        mma16816<T>(sacc[n + 1], ak, bq[2], bq[3]);
+        mma16816<T>(pacc[n], av, bo[0], bo[1]);
+        mma16816<T>(pacc[n + 1], av, bo[2], bo[3]);
+      }
+    }
+
+    // P^T and dS^T, element-wise; written to shared memory as T pairs (columns 2t, 2t+1).
+#pragma unroll
+    for (int n = 0; n < QNT; ++n) {
+      const int ql = qs * QW + n * 8 + 2 * t;
+      const int64_t i = int64_t(i0) + ql;
+      const int lo0 = masked ? mod.lo(i) : 0, hi0 = masked ? mod.hi(i) : 0;
+      const int lo1 = masked ? mod.lo(i + 1) : 0, hi1 = masked ? mod.hi(i + 1) : 0;
+      SparseRowMask rm0, rm1;
+      if constexpr (Sparse) {
+        if (masked) {
+          rm0.init(args.sparse, i, s.sq, s.sk);
+          rm1.init(args.sparse, i + 1, s.sq, s.sk);
+        }
+      }
+      const float L0 = sLse[ql], L1 = sLse[ql + 1], d0 = sDelta[ql], d1 = sDelta[ql + 1];
+      float pv[4], dsv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = j0 + (e < 2 ? jl_lo : jl_hi);
+        const bool c1 = e & 1;
+        float tt;
+        float sc;
+        if constexpr (Sparse) {
+          sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, false, 0, 0, tt);
+          if (masked && !(c1 ? rm1 : rm0).visible(j)) sc = -INFINITY;
+        } else {
+          sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, masked, c1 ? lo1 : lo0, c1 ? hi1 : hi0, tt);
+        }
+        const float pr = exp2f(fmaf(sc, kLog2e, -(c1 ? L1 : L0)));
+        float dsc = pr * (pacc[n][e] - (c1 ? d1 : d0));
+        if (mod.softcap) dsc *= 1.f - tt * tt;
+        pv[e] = pr;
+        dsv[e] = dsc;
+      }
+      *reinterpret_cast<uint32_t*>(sP + jl_lo * LDP + ql) = pack2<T>(pv[0], pv[1]);
+      *reinterpret_cast<uint32_t*>(sP + jl_hi * LDP + ql) = pack2<T>(pv[2], pv[3]);
+      *reinterpret_cast<uint32_t*>(sdS + jl_lo * LDP + ql) = pack2<T>(dsv[0], dsv[1]);
+      *reinterpret_cast<uint32_t*>(sdS + jl_hi * LDP + ql) = pack2<T>(dsv[2], dsv[3]);
+    }
+    __syncthreads();
+
+    // dV += P^T dO and dK += dS^T Q: rows = keys of strip kt, columns [qs*DW, +DW); k = queries.
+#pragma unroll
+    for (int kk = 0; kk < M / 16; ++kk) {
+      uint32_t ap[4], as[4];
+      const int arow = kt * 16 + (lane % 8) + 8 * ((lane / 8) % 2), acol = kk * 16 + 8 * (lane / 16);
+      ldmatrix_x4(ap, sP + arow * LDP + acol);
+      ldmatrix_x4(as, sdS + arow * LDP + acol);
+#pragma unroll
+      for (int d = 0; d < DNT; d += 2) {
+        const int brow = kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2), bcol = qs * DW + d * 8 + 8 * (lane / 16);
+        uint32_t bo[4], bq[4];
+        ldmatrix_x4_trans(bo, cdO + brow * LD + bcol);
+        ldmatrix_x4_trans(bq, cQ + brow * LD + bcol);
+        mma16816<T>(dv[d], ap, bo[0], bo[1]);
+        mma16816<T>(dv[d + 1], ap, bo[2], bo[3]);
+        mma16816<T>(dk[d], as, bq[0], bq[1]);
+        mma16816<T>(dk[d + 1], as, bq[2], bq[3]);
+      }
+    }
+
+    // dQ partial = dS K over this block's keys: rows = queries of strip qt, columns
+    // [ds*DQW, +DQW) in 16-column chunks; A = dS from dS^T (ldmatrix.trans), B = K (.trans).
+    if (!g.deterministic) {
+      uint32_t a[N / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk)
+        ldmatrix_x4_trans(a[kk], sdS + (kk * 16 + (lane % 8) + 8 * (lane / 16)) * LDP + qt * 16 + 8 * ((lane / 8) % 2));
+      float* dqa = g.dq_accum + b * g.dq_accum_stride[0] + (s.tq + i0) * g.dq_accum_stride[1] +
+                   h * g.dq_accum_stride[2];
+      const int qr_lo = qt * 16 + gq, qr_hi = qr_lo + 8;
+#pragma unroll
+      for (int c = 0; c < DQW / 16; ++c) {
+        const int c0 = ds * DQW + c * 16;
+        if (c0 >= D) break;
+        float acc[2][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < N / 16; ++kk) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, sK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + c0 + 8 * (lane / 16));
+          mma16816<T>(acc[0], a[kk], bk[0], bk[1]);
+          mma16816<T>(acc[1], a[kk], bk[2], bk[3]);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int col = c0 + n * 8 + 2 * t;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e < 2 ? qr_lo : qr_hi, cc = col + (e & 1);
+            if (r < rows && cc < D) atomicAdd(dqa + int64_t(r) * g.dq_accum_stride[1] + cc, acc[n][e]);
+          }
+        }
+      }
+    }
+
+    if constexpr (STAGES == 2) {
+      if (more) store_stat(stat_next, st ^ 1);  // stage st ^ 1 is read from the next iteration on
+      st ^= 1;
+    } else {
+      more = tiles.next(p, args.sparse, s, b, j0, ncols);
+    }
+    __syncthreads();  // every warp is done with stage st, sP and sdS: they are refilled next
+  }
+  cp_async_wait<0>();  // nothing in flight at exit (the K/V group when no query tile was visited)
 
   // Store dK (times scale) and dV for keys [j0, j0 + ncols).
   const float scale = float(p.scale);

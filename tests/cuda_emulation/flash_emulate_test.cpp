@@ -634,6 +634,49 @@ int main(int argc, char** argv) {
     c.dlse = true;
     run("f16 d96 batch3 gqa causal dlse", [&] { return run_case<__half, 96>("f16 d96 batch3 gqa causal dlse", c); });
   }
+  // The backward prefetches the next query tile (Dp <= 128) across head boundaries of the
+  // GQA group; a window limits each key block's query tiles to a middle range, so the walk
+  // jumps from the last tile of one head to the first of the next.
+  {
+    Cfg c = base;
+    c.H = 6;
+    c.Hkv = 2;
+    c.D = c.Dv = 128;
+    c.Sq = 300;
+    c.Sk = 260;
+    c.wl = 40;
+    c.wr = 20;
+    c.alibi = true;  // per-head slope
+    c.dlse = true;
+    run("bf16 d128 gqa3 window alibi dlse", [&] { return run_case<__nv_bfloat16, 128>("bf16 d128 gqa3 window alibi dlse", c); });
+  }
+  {
+    Cfg c = base;
+    c.B = 2;
+    c.H = 4;
+    c.Hkv = 2;
+    c.D = 61;  // odd: element-wise Q / K loads into the prefetched stage
+    c.Dv = 64;
+    c.Sq = 260;
+    c.Sk = 200;
+    c.wl = 50;
+    c.wr = 0;
+    c.softcap = 3;
+    run("f16 d61/64 batch2 gqa sliding softcap", [&] {
+      return run_case<__half, 64>("f16 d61/64 batch2 gqa sliding softcap", c);
+    });
+  }
+  {
+    Cfg c = base;
+    c.H = 4;
+    c.Hkv = 2;
+    c.D = c.Dv = 256;  // one stage
+    c.Sq = 150;
+    c.Sk = 100;
+    c.wl = 30;
+    c.wr = 10;
+    run("f16 d256 gqa window", [&] { return run_case<__half, 256>("f16 d256 gqa window", c); });
+  }
   // Block-sparse: the forward CTA (128 rows for D <= 128, 64 above) covers two 64-row
   // query blocks, one, or half of a 128-row block; key tiles (64, or 32 for D = 256) cut
   // 64- and 128-key blocks.
@@ -736,6 +779,27 @@ int main(int argc, char** argv) {
     c.sparse.p_full = 1;  // every tile listed (cut ones partial), no element mask: dense attention
     run("sparse bf16 d96 b128/64 all listed det", [&] {
       return run_case<__nv_bfloat16, 96>("sparse bf16 d96 b128/64 all listed det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 4;
+    c.Hkv = 2;
+    c.D = c.Dv = 128;
+    c.Sq = 270;
+    c.Sk = 200;
+    c.dlse = true;
+    c.sparse.on = true;
+    c.sparse.bq = 128;
+    c.sparse.bk = 64;
+    c.sparse.per_head = true;
+    c.sparse.wl = 100;
+    c.sparse.sink = 10;
+    c.sparse.p_full = 0.3;
+    c.sparse.p_partial = 0.5;
+    c.sparse.seed = 11;
+    run("sparse bf16 d128 b128/64 gqa per-head window sink dlse", [&] {
+      return run_case<__nv_bfloat16, 128>("sparse bf16 d128 b128/64 gqa per-head window sink dlse", c);
     });
   }
   std::printf("%d failure(s)\n", fails);
