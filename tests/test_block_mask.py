@@ -4,7 +4,8 @@ A BlockMask lists, per query block, the key blocks to visit, split into full til
 element mask) and partial tiles (ElementMask applied, bottom-right aligned), plus the
 transposed lists. The references in tests/reference/block_mask.py build every pattern
 token by token from its definition; exact builders must expand to exactly that matrix,
-block-granular ones must visit exactly the tiles that hold some element of it.
+and visit exactly the tiles that hold some element of it. Bit tiles (token-granular masks)
+are decoded bit by bit by the reference.
 """
 from __future__ import annotations
 
@@ -50,6 +51,22 @@ def assert_well_formed(bm):
                                   np.asarray(getattr(bm, f"{prefix}{side}_indices"))) for side in ("kv", "q")}
         kv, q = lists["kv"], lists["q"]
         assert np.array_equal(np.swapaxes(kv, -1, -2), q)
+    if bm.partial_bits is not None:
+        pool = np.asarray(bm.partial_bits)
+        assert pool.dtype == np.int32 and pool.shape[1:] == (bm.block_size[0], -(-bm.block_size[1] // 32))
+        assert len(np.unique(pool.reshape(len(pool), -1), axis=0)) == len(pool), "pool entries are distinct"
+        # q_bits_index names, for every (key block, query block) slot, the tile kv_bits_index names
+        kv_c, kv_i, kv_b = (np.asarray(getattr(bm, n)) for n in ("kv_num_blocks", "kv_indices", "kv_bits_index"))
+        q_c, q_i, q_b = (np.asarray(getattr(bm, n)) for n in ("q_num_blocks", "q_indices", "q_bits_index"))
+        tile_of = {}
+        for pos in np.ndindex(kv_c.shape):
+            for s in range(kv_c[pos]):
+                tile_of[pos + (int(kv_i[pos + (s,)]),)] = int(kv_b[pos + (s,)])
+        for pos in np.ndindex(q_c.shape):
+            for s in range(q_c[pos]):
+                b, h, kb = pos
+                assert q_b[pos + (s,)] == tile_of[(b, h, int(q_i[pos + (s,)]), kb)]
+        assert len(tile_of) == int(kv_c.sum())
 
 
 def check_builder(bm, want, geo, exact):
@@ -125,26 +142,99 @@ def test_longformer_without_globals_is_an_exact_symmetric_window(geo, window):
 
 
 # ----------------------------------------------------------------------------
-# block-granular builders
+# token-granular builders (bit tiles)
 # ----------------------------------------------------------------------------
 @given(geo=geometry(), stride=st.integers(1, 200))
-def test_strided_visits_exactly_the_tiles_the_pattern_touches(geo, stride):
+def test_strided_sees_exactly_the_local_band_and_the_summary_columns(geo, stride):
     bm = masks.strided(geo["q_len"], geo["kv_len"], stride, **kw(geo))
-    check_builder(bm, ref.strided(geo["q_len"], geo["kv_len"], stride), geo, exact=False)
+    check_builder(bm, ref.strided(geo["q_len"], geo["kv_len"], stride), geo, exact=True)
 
 
 @given(geo=geometry(), segment=st.integers(1, 300), dilation=st.integers(1, 40))
-def test_dilated_visits_exactly_the_tiles_the_pattern_touches(geo, segment, dilation):
+def test_dilated_sees_exactly_the_dilated_keys_of_its_segment(geo, segment, dilation):
     bm = masks.dilated(geo["q_len"], geo["kv_len"], segment, dilation, **kw(geo))
-    check_builder(bm, ref.dilated(geo["q_len"], geo["kv_len"], segment, dilation), geo, exact=False)
+    check_builder(bm, ref.dilated(geo["q_len"], geo["kv_len"], segment, dilation), geo, exact=True)
 
 
 @given(geo=geometry(), window=st.integers(0, 200), data=st.data())
-def test_longformer_with_globals_visits_exactly_the_tiles_the_pattern_touches(geo, window, data):
+def test_longformer_with_globals_sees_exactly_the_window_and_the_global_rows_and_columns(geo, window, data):
     g = data.draw(st.lists(st.integers(0, geo["kv_len"] - 1), min_size=1, max_size=4))
     bm = masks.longformer(geo["q_len"], geo["kv_len"], window, g, **kw(geo))
-    check_builder(bm, ref.longformer(geo["q_len"], geo["kv_len"], window, g), geo, exact=False)
+    check_builder(bm, ref.longformer(geo["q_len"], geo["kv_len"], window, g), geo, exact=True)
     assert bm.mask is None
+
+
+def test_bit_tiles_are_shared_by_tiles_with_the_same_pattern():
+    # a stride of one block: every off-band tile holds the same single summary column
+    bm = masks.strided(1024, 1024, 64, block_size=64)
+    assert bm.partial_bits is not None and len(bm.partial_bits) <= 4
+    assert np.array_equal(bm.to_dense_elements()[0, 0], ref.strided(1024, 1024, 64))
+
+
+# ----------------------------------------------------------------------------
+# any pattern: from_mask_mod, from_dense_elements
+# ----------------------------------------------------------------------------
+def _document_mask_mod(doc_ids):
+    """Packed documents: causal within the same document (doc_ids per token, per batch)."""
+    return lambda b, h, q, kv: (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+
+MASK_MODS = {
+    "prefix_lm": lambda b, h, q, kv: (kv <= q) | (kv < 37),
+    "per_head_window": lambda b, h, q, kv: np.abs(q - kv) <= 8 + 20 * h,
+    "checker": lambda b, h, q, kv: ((q // 7 + kv // 5 + b) % 3) == 0,
+    "nothing": lambda b, h, q, kv: np.zeros(np.broadcast_shapes(np.shape(q), np.shape(kv)), bool),
+    "everything": lambda b, h, q, kv: np.ones((), bool),
+}
+
+
+@given(geo=geometry(max_len=300), name=st.sampled_from(sorted(MASK_MODS) + ["document"]),
+       framework=st.sampled_from(["numpy", "torch"]), seed=st.integers(0, 2**31 - 1))
+def test_from_mask_mod_is_exactly_the_predicate(geo, name, framework, seed):
+    q_len, kv_len, B, H = geo["q_len"], geo["kv_len"], geo["batch"], geo["heads"]
+    if name == "document":
+        n = max(q_len, kv_len)
+        doc_ids = np.cumsum(np.random.default_rng(seed).random((B, n)) < 0.02, axis=1)
+        fn = _document_mask_mod(doc_ids)
+    else:
+        fn = MASK_MODS[name]
+    bm = BlockMask.from_mask_mod(fn, q_len, kv_len, batch=B, heads=H, block_size=geo["block_size"],
+                                 device=None if framework == "numpy" else "cpu")
+    assert bm.framework == framework and bm.shape == (B, H, q_len, kv_len)
+    want = np.zeros((B, H, q_len, kv_len), bool)
+    for b in range(B):  # the predicate, element by element over rows
+        for h in range(H):
+            for i in range(q_len):
+                want[b, h, i] = np.broadcast_to(fn(b, h, i, np.arange(kv_len)), (kv_len,))
+    assert_well_formed(bm)
+    assert np.array_equal(bm.to_dense_elements(), want)
+    assert np.array_equal(ref.expand(bm), want)
+    assert np.array_equal(bm.to_dense(), ref.tiles_any(want, bm.block_size))
+    assert np.array_equal(bm.to_dense("full"), ref.tiles_all(want, bm.block_size))
+
+
+@given(geo=geometry(max_len=200), p=st.sampled_from([0.0, 0.05, 0.5, 0.97, 1.0]), seed=st.integers(0, 2**31 - 1),
+       framework=st.sampled_from(["numpy", "torch"]))
+def test_from_dense_elements_round_trips(geo, p, seed, framework):
+    el = np.random.default_rng(seed).random((geo["batch"], geo["heads"], geo["q_len"], geo["kv_len"])) < p
+    bm = BlockMask.from_dense_elements(torch.from_numpy(el) if framework == "torch" else el, geo["block_size"])
+    assert bm.framework == framework
+    assert_well_formed(bm)
+    assert np.array_equal(bm.to_dense_elements(), el)
+    assert np.array_equal(ref.expand(bm), el)
+    assert np.array_equal(bm.to_dense("full"), ref.tiles_all(el, bm.block_size))
+    again = bm.to("cpu").numpy()
+    assert np.array_equal(again.to_dense_elements(), el)
+    assert "bit_tiles" in repr(bm)
+
+
+def test_from_mask_mod_rejects_non_boolean_results_and_non_callables():
+    with pytest.raises(TypeError, match="mask_mod"):
+        BlockMask.from_mask_mod(lambda b, h, q, kv: q - kv, 64, 64, block_size=16)
+    with pytest.raises(TypeError, match="mask_mod"):
+        BlockMask.from_mask_mod("causal", 64, 64, block_size=16)
+    with pytest.raises(TypeError, match="elements"):
+        BlockMask.from_dense_elements(np.ones((4, 4), np.int8), 16)
 
 
 @given(geo=geometry(), w=st.integers(0, 3), g=st.integers(0, 2), r=st.integers(0, 4), seed=st.integers(0, 99))
@@ -253,17 +343,21 @@ def test_union_and_intersection_are_elementwise_or_and(geo, w1, w2, s):
     b = masks.strided(geo["q_len"], geo["kv_len"], s, block_size=geo["block_size"], batch=geo["batch"])
     c = masks.causal(geo["q_len"], geo["kv_len"], block_size=geo["block_size"], batch=geo["batch"])
     b2 = masks.streaming(geo["q_len"], geo["kv_len"], 3, w2, block_size=geo["block_size"])
-    # strided and causal share ElementMask(causal=True)
     u, n = masks.union(b, c), masks.intersection(b, c)
     assert np.array_equal(u.to_dense_elements(), b.to_dense_elements() | c.to_dense_elements())
     assert np.array_equal(n.to_dense_elements(), b.to_dense_elements() & c.to_dense_elements())
     for m in (u, n):
         assert_well_formed(m)
         assert np.array_equal(m.to_dense_elements(), ref.expand(m))
-    with pytest.raises(ValueError, match="element mask"):
-        masks.union(a, b2)
-    with pytest.raises(ValueError, match="element mask"):
-        masks.intersection(a, c)
+    # different element masks, and bit tiles: token-exact
+    for x, y in ((a, b2), (a, c), (b, b2)):
+        for combine, op in ((masks.union, np.logical_or), (masks.intersection, np.logical_and)):
+            m = combine(x, y)
+            want = op(x.to_dense_elements(), y.to_dense_elements())
+            assert np.array_equal(m.to_dense_elements(), want)
+            assert np.array_equal(ref.expand(m), want)
+            assert_well_formed(m)
+            assert np.array_equal(m.to_dense("full"), ref.tiles_all(want, m.block_size))
     # same element mask, different batch / heads: broadcast
     a2 = masks.sliding_window(geo["q_len"], geo["kv_len"], w1, block_size=geo["block_size"], batch=geo["batch"])
     u2 = masks.union(a, a2)
@@ -287,8 +381,10 @@ def test_stack_heads_puts_each_pattern_on_its_heads():
     want = np.concatenate([m.to_dense_elements() for m in ms], axis=1)
     assert np.array_equal(st_.to_dense_elements(), want)
     assert_well_formed(st_)
-    with pytest.raises(ValueError, match=r"masks\[1\].*element mask"):
-        masks.stack_heads([masks.causal(200, 260, **kw_), masks.sliding_window(200, 260, 8, **kw_)])
+    mixed = masks.stack_heads([masks.causal(200, 260, **kw_), masks.sliding_window(200, 260, 8, heads=2, **kw_)])
+    assert np.array_equal(mixed.to_dense_elements()[0, 0], ref.causal(200, 260))
+    assert np.array_equal(mixed.to_dense_elements()[0, 2], ref.sliding_window(200, 260, 8))
+    assert_well_formed(mixed)
     with pytest.raises(ValueError, match=r"masks\[1\].*q_len"):
         masks.stack_heads([masks.causal(200, 260, **kw_), masks.causal(100, 260, **kw_)])
 
@@ -431,7 +527,45 @@ INVALID["full_tile_cut_by_kv_len_only"] = (_one_full_tile(64, 40, 0, 1), ValueEr
 INVALID["full_tile_cut_by_q_len_only"] = (_one_full_tile(40, 64, 1, 0), ValueError, "full_kv_indices")
 
 
+_ALL = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+        "full_q_num_blocks", "full_q_indices", "partial_bits", "kv_bits_index", "q_bits_index")
+
+
+def _build_bits(**change):
+    """A bit-tile mask (strided, 100 x 100 in 32 x 32 tiles) with fields changed."""
+    bm = masks.strided(100, 100, 10, block_size=32)
+    f = {n: np.array(getattr(bm, n)) for n in _ALL}
+    for n, fn in change.items():
+        f[n] = fn(f[n])
+    bits = {n: f[n] for n in _ALL[8:]}
+    return lambda: BlockMask(*(f[n] for n in _ALL[:8]), block_size=32, q_len=100, kv_len=100, **bits)
+
+
+def _other_tile(a):
+    a = a.copy()
+    a[0, 0, 0, 0] = (a[0, 0, 0, 0] + 1) % 2  # the pool holds at least two tiles
+    return a
+
+
+INVALID.update({
+    "bits_without_index": (_build_bits(kv_bits_index=lambda a: None), ValueError, "kv_bits_index"),
+    "index_without_bits": (_build_bits(partial_bits=lambda a: None, q_bits_index=lambda a: None), ValueError,
+                           "partial_bits"),
+    "bits_wrong_words": (_build_bits(partial_bits=lambda a: np.concatenate([a, a], axis=-1)), ValueError,
+                         "partial_bits"),
+    "bits_int64": (_build_bits(partial_bits=lambda a: a.astype(np.int64)), TypeError, "partial_bits"),
+    "bits_index_out_of_range": (_build_bits(kv_bits_index=lambda a: np.where(a == a.max(), a.max() + 1, a)),
+                                ValueError, "kv_bits_index"),
+    "bits_index_negative_pad": (_build_bits(kv_bits_index=_set((0, 0, 0, 3), -1)), ValueError, "kv_bits_index"),
+    "bits_index_shape": (_build_bits(kv_bits_index=lambda a: a[..., :2]), ValueError, "kv_bits_index"),
+    "q_bits_not_transpose": (_build_bits(q_bits_index=_other_tile), ValueError, "q_bits_index"),
+})
+
+
 def test_the_valid_fixture_constructs():
+    bm = _build_bits()()
+    assert len(bm.partial_bits) >= 2 and bm.kv_num_blocks[0, 0, 0] >= 1
+    _build_bits(q_bits_index=lambda a: None)()
     _one_full_tile(64, 40, 0, 0)()
     _one_full_tile(40, 64, 0, 1)()
     _build()()

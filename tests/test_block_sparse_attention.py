@@ -36,13 +36,25 @@ def _builder(kind, sq, sk, block, heads, seed):
         return masks.streaming(sq, sk, sink_tokens=3, window=max(1, sk // 4), block_size=block)
     if kind == "bigbird":
         return masks.bigbird(sq, sk, 1, 1, 1, seed=seed, block_size=block, heads=heads)
+    # token-granular masks (bit tiles)
+    if kind == "strided":
+        return masks.strided(sq, sk, 7 + seed, block_size=block)
+    if kind == "longformer_globals":
+        return masks.longformer(sq, sk, 5, [0, sk // 2], block_size=block)
+    if kind == "union_mixed":
+        return masks.union(masks.dilated(sq, sk, 40, 3, block_size=block),
+                           masks.streaming(sq, sk, 2, 9, block_size=block, heads=heads))
+    if kind == "random_elements":
+        rng = np.random.default_rng(seed)
+        return longattn.BlockMask.from_dense_elements(rng.random((1, heads, sq, sk)) < 0.3, block)
     rng = np.random.default_rng(seed)  # random layout, no element mask
     nq, nk = -(-sq // block[0]), -(-sk // block[1])
     return longattn.BlockMask.from_dense(rng.random((1, heads, nq, nk)) < 0.4, block, sq, sk)
 
 
 shapes = st.fixed_dictionaries(dict(
-    kind=st.sampled_from(["causal", "sliding_window", "streaming", "bigbird", "random"]),
+    kind=st.sampled_from(["causal", "sliding_window", "streaming", "bigbird", "random", "strided",
+                          "longformer_globals", "union_mixed", "random_elements"]),
     sq=st.sampled_from([1, 17, 63, 130, 257]),
     sk_extra=st.sampled_from([0, 0, 5, 70]),
     block=st.sampled_from([(16, 16), (32, 64), (64, 64), (64, 128), (128, 32), (256, 256)]),
@@ -176,3 +188,37 @@ def test_deterministic_flag_is_checked_and_cpu_gradients_are_reproducible():
              for d in (False, True)]
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_bit_tile_masks_equal_flash_attention_with_the_same_pattern():
+    # a bit-tile mask holding the causal sliding window gives flash_attention's result
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 333, 4, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    bm = longattn.BlockMask.from_mask_mod(lambda b, h, i, j: (j <= i) & (j > i - 50), 333, 333, block_size=64)
+    assert bm.partial_bits is not None and bm.mask is None
+    torch.testing.assert_close(longattn.block_sparse_attention(q, k, v, bm),
+                               longattn.flash_attention(q, k, v, causal=True, window=(49, 0)), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_opcheck_with_bit_tiles():
+    q, k, v = (torch.randn(1, 90, 2, 16, requires_grad=True) for _ in range(3))
+    bm = masks.strided(90, 90, 11, block_size=32)
+    lists = [torch.from_numpy(np.array(x)) for x in block_sparse.schedule_lists(bm)]
+    torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
+                          (q, k, v, *lists, 32, 32, False, -1, -1, 0, 0.25, 0.0, False))
+
+
+def test_the_kernel_binding_rejects_bit_indices_outside_the_pool():
+    # BlockMask validates its arrays; the binding re-checks host lists handed to the op directly
+    q, k, v = (torch.randn(1, 90, 2, 16) for _ in range(3))
+    bm = masks.strided(90, 90, 11, block_size=32)
+    lists = [torch.from_numpy(np.array(x)) for x in block_sparse.schedule_lists(bm)]
+    bad = lists[9].clone()
+    bad[0, 0, 0, 0] = len(lists[8])
+    lists[9] = bad
+    with pytest.raises(ValueError, match="kv_bits_index"):
+        torch.ops.longattn.block_sparse_attention_forward(q, k, v, *lists, 32, 32, False, -1, -1, 0, 0.25, 0.0, False)
+    lists[8] = lists[8][:, :, :0]  # wrong pool shape
+    with pytest.raises(ValueError, match="partial_bits"):
+        torch.ops.longattn.block_sparse_attention_forward(q, k, v, *lists, 32, 32, False, -1, -1, 0, 0.25, 0.0, False)

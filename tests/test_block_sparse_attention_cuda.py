@@ -75,6 +75,13 @@ def build_mask(kind, sq, sk, block, heads=1, seed=0, q=None, k=None):
         return masks.bigbird(sq, sk, 1, 1, 1, seed=seed, block_size=block, heads=heads)
     if kind == "topk_blocks":
         return masks.topk_blocks(q, k, block, 2)
+    if kind == "strided":  # token-granular masks: bit tiles
+        return masks.strided(sq, sk, 37, block_size=block)
+    if kind == "longformer_globals":
+        return masks.longformer(sq, sk, 20, [0, 1, sk // 2], block_size=block)
+    if kind == "mask_mod":  # bit tiles AND-ed with nothing else; random per head
+        rng = np.random.default_rng(seed)
+        return longattn.BlockMask.from_dense_elements(rng.random((1, heads, sq, sk)) < 0.2, block)
     if kind == "dense":
         nq, nk = -(-sq // block[0]), -(-sk // block[1])
         return longattn.BlockMask.from_dense(np.ones((1, heads, nq, nk), bool), block, sq, sk)
@@ -118,12 +125,27 @@ def rand(*shape, dtype, seed=0):
 # ---- correctness ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("kind", ["sliding_window", "bigbird", "streaming", "causal", "topk_blocks", "dense"])
+@pytest.mark.parametrize("kind", ["sliding_window", "bigbird", "streaming", "causal", "topk_blocks", "dense",
+                                  "strided", "longformer_globals", "mask_mod"])
 def test_patterns_and_block_sizes_match_the_masked_float64_reference(kind, block, dtype):
     sq = sk = 300  # not a multiple of any block size: cut edge blocks
     q, k, v = rand(2, sq, 4, 64, dtype=dtype), rand(2, sk, 2, 64, dtype=dtype, seed=1), rand(2, sk, 2, 64,
                                                                                              dtype=dtype, seed=2)
-    compare(q, k, v, build_mask(kind, sq, sk, block, heads=4 if kind == "bigbird" else 1, q=q, k=k))
+    compare(q, k, v, build_mask(kind, sq, sk, block, heads=4 if kind in ("bigbird", "mask_mod") else 1, q=q, k=k))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_bit_tiles_with_gqa_deterministic_and_element_masks(head_dim):
+    sq, sk = 333, 290
+    q, k, v = rand(1, sq, 4, head_dim, dtype=torch.bfloat16), rand(1, sk, 2, head_dim, dtype=torch.bfloat16,
+                                                                   seed=1), rand(1, sk, 2, head_dim,
+                                                                                 dtype=torch.bfloat16, seed=2)
+    # a union of different element masks, so bit tiles of both kinds of partial block
+    bm = masks.union(masks.dilated(sq, sk, 64, 3, block_size=(64, 128)),
+                     masks.sliding_window(sq, sk, 40, block_size=(64, 128), heads=4))
+    assert bm.partial_bits is not None
+    compare(q, k, v, bm)
+    compare(q, k, v, bm, deterministic=True, dlse=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

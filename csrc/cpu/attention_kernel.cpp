@@ -76,11 +76,13 @@ struct Visit {
   bool masked;
   const uint8_t* state;  // kBlockK entries, or null
   bool all_partial = false;  // every column of the tile (up to sk) is in a partial block
+  const int32_t* tile = nullptr;  // kBlockK entries: the bit-tile pool index of partial columns (bit masks only)
 };
 
 struct Visits {
   std::vector<Visit> list;
   std::vector<uint8_t> states;
+  std::vector<int32_t> tiles;  // pool indices, parallel to states
 };
 
 inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t i0, int64_t rows, Visits& v) {
@@ -99,13 +101,16 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
   const int64_t ioff = s.b * bs.idx_stride[0] + h * bs.idx_stride[1] + qb * bs.idx_stride[2];
   // Merge the two sorted lists into key-tile order, writing each block's column states.
   const int32_t* lists[2] = {bs.kv_idx + ioff, bs.full_idx + ioff};
+  const int32_t* bit_ids = bs.bits ? bs.kv_bits + ioff : nullptr;  // aligned with the partial list
   const int64_t counts[2] = {bs.kv_num[noff], bs.full_num[noff]};
   int64_t pos[2] = {0, 0};
   v.states.clear();
+  v.tiles.clear();
   std::vector<int64_t> tiles;
   while (pos[0] < counts[0] || pos[1] < counts[1]) {
     const bool take_full = pos[0] >= counts[0] || (pos[1] < counts[1] && lists[1][pos[1]] < lists[0][pos[0]]);
     const int l = take_full ? 1 : 0;
+    const int32_t tile = bit_ids && !take_full ? bit_ids[pos[0]] : -1;
     const int64_t kb = lists[l][pos[l]++];
     const uint8_t state = take_full ? 1 : 2;
     const int64_t start = kb * bs.block_k, end = std::min(start + bs.block_k, s.sk);
@@ -114,8 +119,10 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
       if (tiles.empty() || tiles.back() != t) {
         tiles.push_back(t);
         v.states.resize(tiles.size() * kBlockK, 0);
+        v.tiles.resize(tiles.size() * kBlockK, -1);
       }
       v.states[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = state;
+      v.tiles[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = tile;
     }
   }
   for (size_t i = 0; i < tiles.size(); ++i) {
@@ -124,7 +131,7 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
     // A tile made only of full blocks needs no per-column work: treat it as dense.
     const bool all_full = std::all_of(st, st + cols, [](uint8_t x) { return x == 1; });
     const bool all_partial = std::all_of(st, st + cols, [](uint8_t x) { return x == 2; });
-    v.list.push_back({j0, !all_full, all_full ? nullptr : st, all_partial});
+    v.list.push_back({j0, !all_full, all_full ? nullptr : st, all_partial, bs.bits ? v.tiles.data() + i * kBlockK : nullptr});
   }
 }
 
@@ -184,6 +191,11 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
           const uint8_t st = visit.state[c];
           if (st == 0 || (st == 2 && c >= sink_end && (c < win_lo || c >= win_hi))) row[c] = neg_inf<C>();
         }
+      }
+      if (visit.tile) {  // bit tiles: a partial column also needs its bit (row i of its query block)
+        const int64_t r_blk = i % bs.block_q;
+        for (int64_t c = 0; c < cols; ++c)
+          if (visit.state[c] == 2 && !bs.bit(visit.tile[c], r_blk, (j0 + c) % bs.block_k)) row[c] = neg_inf<C>();
       }
     } else if (masked) {
       const int64_t d = i + off;

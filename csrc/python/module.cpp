@@ -148,9 +148,11 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
 
 // A BlockMask's lists as the kernels read them; checked against q and k at call time.
 // Key side: kv_num, kv_idx, full_num, full_idx; query side (their transposes, read by the
-// CUDA backward): q_num, q_idx, full_q_num, full_q_idx.
+// CUDA backward): q_num, q_idx, full_q_num, full_q_idx. Bit tiles of token-granular masks
+// (absent when `bits` has no tiles): the pool and the per-slot pool indices kv_bits, q_bits.
 struct BlockSparseArgs {
   TensorView kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx;
+  TensorView bits, kv_bits, q_bits;
   int64_t block_q, block_k;
   bool causal;
   int64_t window_left, window_right, sink_tokens;
@@ -329,6 +331,56 @@ AttentionParams attention_params(const char* op, const TensorView& q, const Tens
   return p;
 }
 
+// Bit tiles of a token-granular BlockMask: pool (num_bits, block_q, ceil(block_k / 32))
+// int32, contiguous; kv_bits / q_bits with the shapes and strides of kv_idx / q_idx. Host
+// pool indices are checked for every used slot; device ones are clamped by the kernels.
+template <typename BStride>
+void block_sparse_bits(const char* op, const BlockSparseArgs& m, const TensorView& q, int64_t nqb, int64_t nkb,
+                       const BStride& bstride, BlockSparseSchedule& bs) {
+  using namespace checks;
+  if (m.bits.ndim != 3 || m.bits.shape[0] == 0) return;  // no bit tiles
+  const int64_t words = (m.block_k + 31) / 32, tiles = m.bits.shape[0];
+  LONGATTN_CHECK_TYPE(m.bits.dtype == DType::Int32 && m.kv_bits.dtype == DType::Int32 && m.q_bits.dtype == DType::Int32,
+                      cat(op, ": block_mask.partial_bits, kv_bits_index and q_bits_index must be int32"));
+  same_device(op, "block_mask.partial_bits", m.bits, "q", q);
+  same_device(op, "block_mask.kv_bits_index", m.kv_bits, "q", q);
+  same_device(op, "block_mask.q_bits_index", m.q_bits, "q", q);
+  LONGATTN_CHECK_VALUE(m.bits.shape[1] == m.block_q && m.bits.shape[2] == words && m.bits.stride[2] == 1 &&
+                           m.bits.stride[1] == words && m.bits.stride[0] == m.block_q * words,
+                       cat(op, ": block_mask.partial_bits must be a contiguous (num_tiles, ", m.block_q, ", ", words,
+                           ") array, got shape ", shape_str(m.bits)));
+  const TensorView* ids[2] = {&m.kv_bits, &m.q_bits};
+  const TensorView* idxs[2] = {&m.kv_idx, &m.q_idx};
+  const TensorView* nums[2] = {&m.kv_num, &m.q_num};
+  const char* names[2] = {"block_mask.kv_bits_index", "block_mask.q_bits_index"};
+  for (int l = 0; l < 2; ++l) {
+    const TensorView &id = *ids[l], &x = *idxs[l], &n = *nums[l];
+    bool same = id.ndim == 4;
+    for (int d = 0; same && d < 4; ++d) same = id.shape[d] == x.shape[d] && (d == 3 || bstride(id, d) == bstride(x, d));
+    LONGATTN_CHECK_VALUE(same && (id.shape[3] <= 1 || id.stride[3] == 1),
+                         cat(op, ": ", names[l], " must have the shape and strides of its index list, got shape ",
+                             shape_str(id)));
+    if (id.device != DeviceType::CPU) continue;
+    const int64_t rows = l ? nkb : nqb;
+    const int32_t* nd = static_cast<const int32_t*>(n.data);
+    const int32_t* idd = static_cast<const int32_t*>(id.data);
+    for (int64_t b = 0; b < n.shape[0]; ++b)
+      for (int64_t h = 0; h < n.shape[1]; ++h)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t c = nd[b * n.stride[0] + h * n.stride[1] + r * n.stride[2]];
+          const int32_t* row = idd + b * id.stride[0] + h * id.stride[1] + r * id.stride[2];
+          for (int32_t i = 0; i < c; ++i)
+            LONGATTN_CHECK_VALUE(row[i] >= 0 && row[i] < tiles,
+                                 cat(op, ": ", names[l], " holds ", row[i], ", outside [0, ", tiles, ")"));
+        }
+  }
+  bs.bits = static_cast<const int32_t*>(m.bits.data);
+  bs.num_bits = tiles;
+  bs.bits_words = words;
+  bs.kv_bits = static_cast<const int32_t*>(m.kv_bits.data);
+  bs.q_bits = static_cast<const int32_t*>(m.q_bits.data);
+}
+
 // Checks a BlockMask's lists against q/k and fills `bs`. Shapes, dtypes and devices are
 // always checked. Lists in host memory also have every count and index checked (counts in
 // [0, n], indices in [0, n) and strictly increasing within the count), after which the CPU
@@ -411,6 +463,7 @@ void block_sparse_schedule(const char* op, const BlockSparseArgs& m, const Tenso
     bs.q_num_stride[d] = bstride(m.q_num, d);
     bs.q_idx_stride[d] = bstride(m.q_idx, d);
   }
+  block_sparse_bits(op, m, q, nqb, nkb, bstride, bs);
   bs.num_q_blocks = nqb;
   bs.num_k_blocks = nkb;
   bs.block_q = m.block_q;
@@ -582,13 +635,16 @@ PYBIND11_MODULE(_C, m) {
   py::class_<BlockSparseArgs>(m, "BlockSparse")
       .def(py::init([](const TensorView& kv_num, const TensorView& kv_idx, const TensorView& full_num,
                        const TensorView& full_idx, const TensorView& q_num, const TensorView& q_idx,
-                       const TensorView& full_q_num, const TensorView& full_q_idx, int64_t block_q, int64_t block_k,
+                       const TensorView& full_q_num, const TensorView& full_q_idx, const TensorView& bits,
+                       const TensorView& kv_bits, const TensorView& q_bits, int64_t block_q, int64_t block_k,
                        bool causal, int64_t wl, int64_t wr, int64_t sink) {
-             return BlockSparseArgs{kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
-                                    block_q, block_k, causal, wl, wr, sink};
+             return BlockSparseArgs{kv_num, kv_idx, full_num,   full_idx, q_num, q_idx,   full_q_num, full_q_idx,
+                                    bits,   kv_bits, q_bits,    block_q,  block_k, causal, wl,         wr,
+                                    sink};
            }),
            py::arg("kv_num"), py::arg("kv_idx"), py::arg("full_num"), py::arg("full_idx"), py::arg("q_num"),
-           py::arg("q_idx"), py::arg("full_q_num"), py::arg("full_q_idx"), py::arg("block_q"),
+           py::arg("q_idx"), py::arg("full_q_num"), py::arg("full_q_idx"), py::arg("bits"), py::arg("kv_bits"),
+           py::arg("q_bits"), py::arg("block_q"),
            py::arg("block_k"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
            py::arg("sink_tokens"));
   auto args = [](const TensorView* cu_q, const TensorView* cu_k, int64_t max_q, int64_t max_k, double scale,

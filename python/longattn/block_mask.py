@@ -37,6 +37,18 @@ d(i) = i + kv_len - q_len (the diagonal of query i), key j is visible to query i
 
 i.e. the attention sinks (StreamingLLM) are OR-ed with the window, and causality
 applies to both.
+
+Token-granular masks (any pattern: `BlockMask.from_mask_mod`, `from_dense_elements`, the
+strided / dilated / Longformer-with-globals builders, unions of different patterns) add
+per-tile bit masks for the partial blocks:
+
+    partial_bits        (P, block_q, ceil(block_k / 32))  int32 pool of bit tiles: bit c % 32
+                        of word c // 32 of row r set iff element (r, c) of the tile is visible
+    kv_bits_index       (B|1, H|1, nQb, nKb)   pool index of each kv_indices slot's tile
+    q_bits_index        (B|1, H|1, nKb, nQb)   pool index of each q_indices slot's tile
+
+Tiles with the same bits share one pool entry. An element of a partial block is then
+visible iff the element mask (if any) allows it and its bit is set.
 """
 from __future__ import annotations
 
@@ -53,6 +65,9 @@ __all__ = ["BlockMask", "ElementMask"]
 _BIG = 1 << 62
 _FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
            "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+_BITS_FIELDS = ("partial_bits", "kv_bits_index", "q_bits_index")
+# Elements evaluated at once when tiles are classified from a predicate (bounds memory).
+_TILE_CHUNK_ELEMENTS = 1 << 23
 CUDA_BLOCK_SIZES = (64, 128)
 CPU_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -101,17 +116,24 @@ class ElementMask:
             hi = min(hi, off + self.window_right)
         return lo, hi
 
+    def visible(self, i, j, q_len: int, kv_len: int) -> np.ndarray:
+        """Boolean array (i and j broadcast): key j visible to query i."""
+        i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+        d = i + (kv_len - q_len)
+        vis = np.ones(np.broadcast_shapes(i.shape, j.shape), bool)
+        if self.window_left >= 0:
+            vis &= j >= d - self.window_left
+        if self.window_right >= 0:
+            vis &= j <= d + self.window_right
+        if self.sink_tokens:
+            vis |= j < self.sink_tokens
+        if self.causal:
+            vis &= j <= d
+        return vis
+
     def to_dense(self, q_len: int, kv_len: int) -> np.ndarray:
         """Boolean (q_len, kv_len): which elements the mask leaves visible."""
-        i = np.arange(q_len, dtype=np.int64)[:, None]
-        j = np.arange(kv_len, dtype=np.int64)[None, :]
-        lo, hi = self.band(q_len, kv_len)
-        t = j - i
-        vis = (t >= lo) & (t <= hi)
-        if self.sink_tokens:
-            causal_ok = (t <= kv_len - q_len) if self.causal else np.ones_like(vis)
-            vis = vis | (causal_ok & (j < self.sink_tokens))
-        return vis
+        return self.visible(np.arange(q_len)[:, None], np.arange(kv_len)[None, :], q_len, kv_len)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,6 +215,43 @@ def _check_len(v: Any, name: str, op: str) -> int:
     return int(v)
 
 
+def bits_words(block_k: int) -> int:
+    """int32 words per row of a bit tile."""
+    return -(-block_k // 32)
+
+
+def pack_bits(tiles: np.ndarray) -> np.ndarray:
+    """Boolean (..., block_q, block_k) -> int32 (..., block_q, bits_words(block_k)): bit
+    c % 32 of word c // 32 holds column c."""
+    bk = tiles.shape[-1]
+    w = bits_words(bk)
+    if w * 32 != bk:
+        tiles = np.concatenate([tiles, np.zeros(tiles.shape[:-1] + (w * 32 - bk,), bool)], axis=-1)
+    packed = np.packbits(np.ascontiguousarray(tiles), axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<i4").astype(np.int32)
+
+
+def unpack_bits(words: np.ndarray, block_k: int) -> np.ndarray:
+    """Inverse of `pack_bits`: int32 (..., W) -> boolean (..., block_k)."""
+    raw = np.ascontiguousarray(np.asarray(words).astype("<i4")).view(np.uint8)
+    return np.unpackbits(raw, axis=-1, bitorder="little")[..., :block_k].astype(bool)
+
+
+def place(device: Any, op: str) -> Tuple[str, str, str]:
+    """(framework, device string, device type) for a builder's `device` argument: None is
+    NumPy on the CPU, anything else a torch device."""
+    if device is None:
+        return "numpy", "cpu", "cpu"
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: device must be cpu or cuda, got {device!r}")
+    return "torch", str(dev), dev.type
+
+
 # ---------------------------------------------------------------------------------------
 # arrays
 # ---------------------------------------------------------------------------------------
@@ -263,16 +322,23 @@ class BlockMask:
 
     def __init__(self, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                  q_num_blocks=None, q_indices=None, full_q_num_blocks=None, full_q_indices=None, *,
-                 block_size, q_len: int, kv_len: int, mask: Optional[ElementMask] = None):
+                 block_size, q_len: int, kv_len: int, mask: Optional[ElementMask] = None,
+                 partial_bits=None, kv_bits_index=None, q_bits_index=None):
         op = "BlockMask"
-        given = dict(zip(_FIELDS, (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                                   q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)))
+        given = dict(zip(_FIELDS + _BITS_FIELDS,
+                         (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
+                          full_q_num_blocks, full_q_indices, partial_bits, kv_bits_index, q_bits_index)))
         q_side = _FIELDS[4:]
         missing_q = [n for n in q_side if given[n] is None]
         if missing_q and len(missing_q) != 4:
             raise ValueError(f"{op}: pass all four query-side lists or none; missing {', '.join(missing_q)}")
+        if (partial_bits is None) != (kv_bits_index is None):
+            raise ValueError(f"{op}: partial_bits and kv_bits_index go together (got only "
+                             f"{'partial_bits' if kv_bits_index is None else 'kv_bits_index'})")
+        if q_bits_index is not None and partial_bits is None:
+            raise ValueError(f"{op}: q_bits_index needs partial_bits and kv_bits_index")
         place = None
-        for name in _FIELDS:
+        for name in _FIELDS + _BITS_FIELDS:
             x = given[name]
             if x is None:
                 continue
@@ -295,7 +361,7 @@ class BlockMask:
         nq = _num_blocks(self.q_len, self.block_size[0])
         nk = _num_blocks(self.kv_len, self.block_size[1])
 
-        host = {n: (None if given[n] is None else _to_host(given[n])) for n in _FIELDS}
+        host = {n: (None if given[n] is None else _to_host(given[n])) for n in _FIELDS + _BITS_FIELDS}
         lead = host["kv_num_blocks"].shape[:2] if host["kv_num_blocks"].ndim == 3 else None
         if lead is None:
             raise ValueError(f"{op}: kv_num_blocks must have 3 dims (B|1, H|1, num_q_blocks), "
@@ -344,11 +410,18 @@ class BlockMask:
                 if not np.array_equal(np.swapaxes(layouts[full + "kv"], -1, -2), layouts[full + "q"]):
                     raise ValueError(f"{op}: {full}q_num_blocks / {full}q_indices are not the transpose of "
                                      f"{full}kv_num_blocks / {full}kv_indices")
+        self._bits_map = None
+        if partial_bits is not None:
+            self._bits_map, host["q_bits_index"] = self._check_bits(host, layouts["kv"], nq, nk, op)
         self._layout_full = layouts["full_kv"]
         self._layout_partial = layouts["kv"]
+        self._bits_host = None if partial_bits is None else np.array(host["partial_bits"], np.int32)
         self.framework, self.device = framework, device
-        for name in _FIELDS:
+        for name in _FIELDS + _BITS_FIELDS:
             x = given[name]
+            if name in _BITS_FIELDS and partial_bits is None:
+                setattr(self, name, None)
+                continue
             if x is None:
                 x = host[name]
                 if framework == "torch":
@@ -383,6 +456,42 @@ class BlockMask:
                                  f"{indices[pos]} and {indices[pos[:-1] + (pos[-1] + 1,)]} (unsorted or duplicated)")
         return _layout_from_lists(counts.astype(np.int64), indices)
 
+    def _check_bits(self, host, partial, nq: int, nk: int, op: str):
+        """Validates partial_bits / kv_bits_index / q_bits_index; returns the dense pool-index
+        map (B|1, H|1, nQb, nKb), -1 off partial tiles, and the query-side index (computed
+        when not given)."""
+        bq, bk = self.block_size
+        bits, kvb = host["partial_bits"], host["kv_bits_index"]
+        want = (bits.shape[0] if bits.ndim == 3 else 0, bq, bits_words(bk))
+        if bits.ndim != 3 or bits.shape[1:] != want[1:] or bits.shape[0] < 1:
+            raise ValueError(f"{op}: partial_bits must have shape (num_tiles >= 1, block_q={bq}, "
+                             f"ceil(block_k / 32)={want[2]}), got {bits.shape}")
+        if kvb.shape != host["kv_indices"].shape:
+            raise ValueError(f"{op}: kv_bits_index must have the shape of kv_indices {host['kv_indices'].shape}, "
+                             f"got {kvb.shape}")
+        n_tiles = bits.shape[0]
+        if kvb.size and (kvb.min() < 0 or kvb.max() >= n_tiles):
+            pos = tuple(np.argwhere((kvb < 0) | (kvb >= n_tiles))[0])
+            raise ValueError(f"{op}: kv_bits_index{list(pos)} = {kvb[pos]} is outside [0, {n_tiles}) "
+                             f"(pad slots after the count must hold a valid index too)")
+        counts, idx = host["kv_num_blocks"].astype(np.int64), host["kv_indices"].astype(np.int64)
+        used = np.arange(nk) < counts[..., None]
+        bits_map = np.full(partial.shape, -1, np.int32)
+        lead = np.indices(idx.shape[:-1])
+        sel = tuple(np.broadcast_to(a[..., None], used.shape)[used] for a in lead) + (idx[used],)
+        bits_map[sel] = kvb[used]
+        swapped = np.swapaxes(bits_map, -1, -2)
+        qc, qi = host["q_num_blocks"].astype(np.int64), host["q_indices"].astype(np.int64)
+        q_used = np.arange(nq) < qc[..., None]
+        expect = np.where(q_used, np.take_along_axis(swapped, qi, axis=-1), 0).astype(np.int32)
+        qb = host["q_bits_index"]
+        if qb is not None and (qb.shape != expect.shape or not np.array_equal(np.where(q_used, qb, 0), expect)):
+            raise ValueError(f"{op}: q_bits_index is not kv_bits_index transposed along q_indices "
+                             f"(shape {expect.shape} expected, got {qb.shape})")
+        if qb is not None and qb.size and (qb.min() < 0 or qb.max() >= n_tiles):
+            raise ValueError(f"{op}: q_bits_index holds entries outside [0, {n_tiles})")
+        return bits_map, (expect if qb is None else qb)
+
     # -----------------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, layout, block_size, q_len: int, kv_len: int, mask: Optional[ElementMask] = None) -> "BlockMask":
@@ -414,6 +523,36 @@ class BlockMask:
         _, all_ = classify(mask, q_len, kv_len, bs)
         return _from_layouts(host & all_, host & ~all_, bs, q_len, kv_len, mask, fw, device)
 
+    @classmethod
+    def from_mask_mod(cls, mask_mod, q_len: int, kv_len: int, *, batch: int = 1, heads: int = 1, block_size=128,
+                      device=None) -> "BlockMask":
+        """A token-exact BlockMask from a predicate, like FlexAttention's create_block_mask.
+
+        mask_mod(b, h, q_idx, kv_idx) receives NumPy int64 arrays that broadcast against each
+        other (query and key indices from 0, not diagonal-aligned) and returns a boolean
+        array: True where query q_idx of batch b, head h may see key kv_idx. It is evaluated
+        on every element of the batch x heads x q_len x kv_len grid, a tile chunk at a
+        time (for large masks prefer a builder of `longattn.masks`, which only evaluates the
+        tiles its pattern can touch). Tiles with no visible element are skipped, tiles
+        entirely visible (and not cut by q_len / kv_len) are full, the others are partial
+        with their bits stored once per distinct tile (`partial_bits`). `device`: None for
+        NumPy arrays, else a torch device ("cpu", "cuda").
+
+        Example:
+            >>> prefix_lm = lambda b, h, q, kv: (kv <= q) | (kv < 256)   # bidirectional prefix
+            >>> bm = BlockMask.from_mask_mod(prefix_lm, 4096, 4096, block_size=128)
+        """
+        return _from_mask_mod(mask_mod, q_len, kv_len, batch=batch, heads=heads, block_size=block_size,
+                              device=device)
+
+    @classmethod
+    def from_dense_elements(cls, elements, block_size) -> "BlockMask":
+        """A token-exact BlockMask from a boolean (B|1, H|1, q_len, kv_len) array of visible
+        elements (2 or 3 dims read as (q_len, kv_len) / (H, q_len, kv_len)), NumPy or torch;
+        the result lives where `elements` does. `to_dense_elements()` gives `elements` back.
+        Tiles are classified as in `from_mask_mod`."""
+        return _from_dense_elements(elements, block_size)
+
     # -----------------------------------------------------------------------------------
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -438,14 +577,40 @@ class BlockMask:
 
     def to_dense_elements(self) -> np.ndarray:
         """Boolean NumPy (B|1, H|1, q_len, kv_len): element (i, j) is visible iff its tile
-        is full, or partial and the element mask leaves it visible. For tests and small
-        sizes (it materializes q_len x kv_len per batch and head)."""
+        is full, or partial and the element mask and bits leave it visible. For tests and
+        small sizes (it materializes q_len x kv_len per batch and head)."""
         bq, bk = self.block_size
         full = self._layout_full.repeat(bq, axis=2).repeat(bk, axis=3)[:, :, :self.q_len, :self.kv_len]
         part = self._layout_partial.repeat(bq, axis=2).repeat(bk, axis=3)[:, :, :self.q_len, :self.kv_len]
         if self.mask is not None:
             part = part & self.mask.to_dense(self.q_len, self.kv_len)
+        if self._bits_host is not None:
+            tiles = unpack_bits(self._bits_host, bk)[np.maximum(self._bits_map, 0)]  # (B, H, nQb, nKb, bq, bk)
+            b, h, nq, nk = self._bits_map.shape
+            grid = tiles.transpose(0, 1, 2, 4, 3, 5).reshape(b, h, nq * bq, nk * bk)
+            part = part & grid[:, :, :self.q_len, :self.kv_len]
         return full | part
+
+    def tile_index_map(self) -> Optional[np.ndarray]:
+        """int32 NumPy (B|1, H|1, nQb, nKb): the partial_bits entry of every partial tile, -1
+        elsewhere; None for masks without bit tiles."""
+        return None if self._bits_map is None else self._bits_map.copy()
+
+    def tile_elements(self, b, h, qb, kb) -> np.ndarray:
+        """Boolean (n, block_q, block_k): the visible elements of n tiles given by int arrays
+        (n,) of batch, head (broadcast dims take any index), query block and key block.
+        Elements outside q_len x kv_len are False."""
+        bq, bk = self.block_size
+        b = np.where(self._layout_full.shape[0] == 1, 0, b)
+        h = np.where(self._layout_full.shape[1] == 1, 0, h)
+        i = qb[:, None, None] * bq + np.arange(bq)[None, :, None]
+        j = kb[:, None, None] * bk + np.arange(bk)[None, None, :]
+        part = self._layout_partial[b, h, qb, kb][:, None, None]
+        if self.mask is not None:
+            part = part & self.mask.visible(i, j, self.q_len, self.kv_len)
+        if self._bits_host is not None:
+            part = part & unpack_bits(self._bits_host[np.maximum(self._bits_map[b, h, qb, kb], 0)], bk)
+        return (self._layout_full[b, h, qb, kb][:, None, None] | part) & (i < self.q_len) & (j < self.kv_len)
 
     def density(self) -> float:
         """Fraction of the (query block, key block) tiles of the q_len x kv_len rectangle
@@ -465,18 +630,22 @@ class BlockMask:
             import torch
         except ImportError:  # pragma: no cover - torch is a test dependency
             raise RuntimeError("BlockMask.to needs torch; use the NumPy arrays directly") from None
-        arrays = [getattr(self, n) for n in _FIELDS]
+        arrays = [getattr(self, n) for n in _FIELDS + _BITS_FIELDS]
         if self.framework == "numpy":
-            arrays = [torch.from_numpy(np.array(a)) for a in arrays]
-        arrays = [a.to(device) for a in arrays]
-        return BlockMask(*arrays, block_size=self.block_size, q_len=self.q_len, kv_len=self.kv_len, mask=self.mask)
+            arrays = [None if a is None else torch.from_numpy(np.array(a)) for a in arrays]
+        return self._rebuilt([None if a is None else a.to(device) for a in arrays])
 
     def numpy(self) -> "BlockMask":
         """This mask with NumPy arrays (a host copy of torch tensors)."""
         if self.framework == "numpy":
             return self
-        arrays = [np.ascontiguousarray(_to_host(getattr(self, n))) for n in _FIELDS]
-        return BlockMask(*arrays, block_size=self.block_size, q_len=self.q_len, kv_len=self.kv_len, mask=self.mask)
+        return self._rebuilt([None if getattr(self, n) is None else np.ascontiguousarray(_to_host(getattr(self, n)))
+                              for n in _FIELDS + _BITS_FIELDS])
+
+    def _rebuilt(self, arrays) -> "BlockMask":
+        bits = dict(zip(_BITS_FIELDS, arrays[len(_FIELDS):]))
+        return BlockMask(*arrays[:len(_FIELDS)], block_size=self.block_size, q_len=self.q_len, kv_len=self.kv_len,
+                         mask=self.mask, **bits)
 
     def __repr__(self) -> str:
         b, h, q, k = self.shape
@@ -485,7 +654,7 @@ class BlockMask:
         return (f"BlockMask(shape=({b}, {h}, {q}, {k}), block_size={self.block_size}, "
                 f"num_blocks=({nq}, {nk}), full={int(self._layout_full.sum())}, "
                 f"partial={int(self._layout_partial.sum())}, density={self.density():.4f}, "
-                f"mask={self.mask!r}, {where})")
+                f"mask={self.mask!r}, bit_tiles={0 if self._bits_host is None else len(self._bits_host)}, {where})")
 
 
 def _from_layouts(full: np.ndarray, partial: np.ndarray, block_size, q_len: int, kv_len: int,
@@ -504,3 +673,119 @@ def _from_layouts(full: np.ndarray, partial: np.ndarray, block_size, q_len: int,
             import torch
         arrays = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
     return BlockMask(*arrays, block_size=block_size, q_len=q_len, kv_len=kv_len, mask=mask)
+
+
+def from_tile_elements(candidates: np.ndarray, elements, block_size, q_len: int, kv_len: int,
+                       framework: str = "numpy", device: str = "cpu", lead=None) -> BlockMask:
+    """A token-granular BlockMask: `candidates` boolean (B|1, H|1, nQb, nKb) holds every tile
+    that may have a visible element; elements(b, h, qb, kb) -> boolean (n, block_q, block_k)
+    gives the visible elements of n such tiles (int arrays (n,)). Tiles with no visible
+    element are dropped, uncut tiles with all elements visible are full, the rest partial
+    with their bits in a deduplicated pool. `lead` (batch, heads) broadcasts the result.
+
+    The element function is called in chunks of tiles, so memory stays bounded whatever
+    the size of the mask."""
+    bq, bk = block_size
+    shape = candidates.shape
+    i0, i1, j0, j1 = block_grid(q_len, kv_len, block_size)
+    uncut = ((i1 - i0) == bq) & ((j1 - j0) == bk)
+    tiles = np.argwhere(candidates)
+    full = np.zeros(shape, bool)
+    partial = np.zeros(shape, bool)
+    pieces, where = [], []
+    step = max(1, _TILE_CHUNK_ELEMENTS // (bq * bk))
+    for c in range(0, len(tiles), step):
+        t = tiles[c:c + step]
+        e = np.asarray(elements(t[:, 0], t[:, 1], t[:, 2], t[:, 3]), bool)
+        inside = ((t[:, 2:3, None] * bq + np.arange(bq)[None, :, None]) < q_len) & \
+                 ((t[:, 3:4, None] * bk + np.arange(bk)[None, None, :]) < kv_len)
+        e = e & inside
+        any_, all_ = e.any(axis=(1, 2)), e.all(axis=(1, 2)) & uncut[t[:, 2], t[:, 3]]
+        full[tuple(t[all_].T)] = True
+        p = any_ & ~all_
+        partial[tuple(t[p].T)] = True
+        if p.any():
+            pieces.append(pack_bits(e[p]))
+            where.append(t[p])
+    if lead is not None:
+        shape = tuple(lead) + shape[2:]
+        full, partial = np.broadcast_to(full, shape), np.broadcast_to(partial, shape)
+    if not pieces:
+        return _from_layouts(full, partial, block_size, q_len, kv_len, None, framework, device)
+    words = np.concatenate(pieces)
+    pool, inverse = np.unique(words.reshape(len(words), -1), axis=0, return_inverse=True)
+    pool = pool.reshape((len(pool),) + words.shape[1:]).astype(np.int32)
+    bits_map = np.zeros(candidates.shape, np.int32)
+    bits_map[tuple(np.concatenate(where).T)] = inverse.reshape(-1)
+    bits_map = np.broadcast_to(bits_map, shape)
+    arrays = []
+    for layout, ids in ((partial, bits_map), (np.swapaxes(partial, -1, -2), np.swapaxes(bits_map, -1, -2))):
+        counts, idx = _lists_from_layout(layout)
+        used = np.arange(layout.shape[-1]) < counts[..., None]
+        arrays.append(np.where(used, np.take_along_axis(ids, idx.astype(np.int64), axis=-1), 0).astype(np.int32))
+    base = _from_layouts(full, partial, block_size, q_len, kv_len, None, "numpy", "cpu")
+    lists = [np.asarray(getattr(base, n)) for n in _FIELDS]
+    bits = [pool] + arrays
+    if framework == "torch":
+        torch = sys.modules.get("torch")
+        if torch is None:
+            import torch
+        lists = [torch.from_numpy(np.array(a)).to(device) for a in lists]
+        bits = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in bits]
+    return BlockMask(*lists, block_size=block_size, q_len=q_len, kv_len=kv_len, mask=None,
+                     **dict(zip(_BITS_FIELDS, bits)))
+
+
+def _from_mask_mod(mask_mod, q_len: int, kv_len: int, *, batch: int = 1, heads: int = 1, block_size=128,
+                   device=None) -> BlockMask:
+    """BlockMask.from_mask_mod (documented there)."""
+    op = "BlockMask.from_mask_mod"
+    if not callable(mask_mod):
+        raise TypeError(f"{op}: mask_mod must be callable (b, h, q_idx, kv_idx) -> bool array, "
+                        f"got {type(mask_mod).__name__}")
+    q_len, kv_len = _check_len(q_len, "q_len", op), _check_len(kv_len, "kv_len", op)
+    for name, v in (("batch", batch), ("heads", heads)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {v!r}")
+    fw, dev, dev_type = place(device, op)
+    bs = check_block_size(block_size, dev_type, op)
+    bq, bk = bs
+    nq, nk = _num_blocks(q_len, bq), _num_blocks(kv_len, bk)
+
+    def elements(b, h, qb, kb):
+        i = qb[:, None, None] * bq + np.arange(bq)[None, :, None]
+        j = kb[:, None, None] * bk + np.arange(bk)[None, None, :]
+        # Padding rows / columns are evaluated at the last valid index, then discarded.
+        out = mask_mod(b[:, None, None], h[:, None, None], np.minimum(i, max(q_len - 1, 0)),
+                       np.minimum(j, max(kv_len - 1, 0)))
+        out = np.asarray(out)
+        if out.dtype != np.bool_:
+            raise TypeError(f"{op}: mask_mod must return a boolean array, got dtype {out.dtype}")
+        return np.broadcast_to(out, (len(b), bq, bk))
+
+    return from_tile_elements(np.ones((int(batch), int(heads), nq, nk), bool), elements, bs, q_len, kv_len, fw, dev)
+
+
+def _from_dense_elements(elements, block_size) -> BlockMask:
+    """BlockMask.from_dense_elements (documented there)."""
+    op = "BlockMask.from_dense_elements"
+    fw, device = _place_of(elements, "elements", op)
+    if _dtype_name(elements) != "bool":
+        raise TypeError(f"{op}: elements must be a boolean array, got {_dtype_name(elements)}")
+    host = _to_host(elements)
+    if not 2 <= host.ndim <= 4:
+        raise ValueError(f"{op}: elements must have shape (B|1, H|1, q_len, kv_len), got {host.shape}")
+    host = host.reshape((1,) * (4 - host.ndim) + host.shape)
+    bs = check_block_size(block_size, device.split(":")[0], op)
+    q_len, kv_len = host.shape[2:]
+    bq, bk = bs
+    nq, nk = _num_blocks(q_len, bq), _num_blocks(kv_len, bk)
+    padded = np.zeros(host.shape[:2] + (nq * bq, nk * bk), bool)
+    padded[:, :, :q_len, :kv_len] = host
+
+    def tiles(b, h, qb, kb):
+        rows = (qb[:, None] * bq + np.arange(bq))[:, :, None]
+        cols = (kb[:, None] * bk + np.arange(bk))[:, None, :]
+        return padded[b[:, None, None], h[:, None, None], rows, cols]
+
+    return from_tile_elements(np.ones(host.shape[:2] + (nq, nk), bool), tiles, bs, q_len, kv_len, fw, device)

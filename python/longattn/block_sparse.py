@@ -17,18 +17,29 @@ _OP = "block_sparse_attention"
 
 
 _LIST_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+                "partial_bits", "kv_bits_index", "q_bits_index")
 
 
 def schedule_lists(block_mask: BlockMask):
-    """The eight lists of a BlockMask (key side, then query side), in its own framework."""
-    return tuple(getattr(block_mask, n) for n in _LIST_FIELDS)
+    """The eight lists of a BlockMask (key side, then query side) and its three bit-tile
+    arrays (empty int32 arrays when it has none), in its own framework and place."""
+    lists = tuple(getattr(block_mask, n) for n in _LIST_FIELDS[:8])
+    if block_mask.partial_bits is not None:
+        return lists + tuple(getattr(block_mask, n) for n in _LIST_FIELDS[8:])
+    if block_mask.framework == "torch":
+        import torch
+
+        empty = torch.zeros(0, dtype=torch.int32, device=block_mask.device)
+    else:
+        empty = np.zeros(0, np.int32)
+    return lists + (empty, empty, empty)
 
 
 def make_schedule(lists, block_q: int, block_k: int, mask_fields) -> "_C.BlockSparse":
-    """The compiled module's view of a BlockMask's eight lists. It checks shapes, dtypes and
-    devices against q/k, and every index of host-resident lists; device-resident lists were
-    validated when the BlockMask was built (see BlockMask)."""
+    """The compiled module's view of a BlockMask's eight lists and bit tiles. It checks
+    shapes, dtypes and devices against q/k, and every index of host-resident lists;
+    device-resident lists were validated when the BlockMask was built (see BlockMask)."""
     views = [_arrays.wrap(x, "block_mask." + n, _OP).view() for x, n in zip(lists, _LIST_FIELDS)]
     causal, wl, wr, sink = mask_fields
     return _C.BlockSparse(*views, int(block_q), int(block_k), bool(causal), int(wl), int(wr), int(sink))

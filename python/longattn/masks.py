@@ -6,15 +6,14 @@ mask broadcasts over them) and device (None: NumPy arrays; else torch tensors on
 device, e.g. "cuda"). Positions are bottom-right aligned as in `flash_attention`: query i
 sits at position d(i) = i + kv_len - q_len, its diagonal.
 
-Exact builders (the visible elements, `BlockMask.to_dense_elements()`, are exactly the
-pattern): causal, sliding_window, streaming, longformer without global tokens, and
-bigbird (block-granular by definition). Tiles visited are exactly the tiles holding at
-least one visible element; tiles whose elements are all visible are full.
-
-Block-granular builders (the pattern is approximated: the tiles visited are exactly the
-tiles holding at least one element of the pattern, and inside them the element mask is
-only the causal one, or none): strided, dilated, longformer with global tokens. Their
-visible elements are a superset of the pattern.
+Every builder is exact: the visible elements (`BlockMask.to_dense_elements()`) are exactly
+the pattern (bigbird's pattern is block-granular by definition). Tiles visited are exactly
+the tiles holding at least one visible element; tiles whose elements are all visible are
+full. causal, sliding_window, streaming and longformer without global tokens express
+their partial tiles with an `ElementMask`; strided, dilated and longformer with global
+tokens store bit tiles (`BlockMask.partial_bits`, one per distinct tile), as do unions,
+intersections and stacks of masks whose element masks differ. Any other pattern:
+`BlockMask.from_mask_mod`.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from . import _arrays
 from .block_mask import (BlockMask, ElementMask, _from_layouts, _is_int, _num_blocks, band_any, block_grid,
-                         check_block_size, classify)
+                         check_block_size, classify, from_tile_elements, place)
 
 __all__ = ["causal", "sliding_window", "strided", "dilated", "bigbird", "longformer", "streaming", "union",
            "intersection", "stack_heads", "topk_blocks"]
@@ -44,26 +43,12 @@ def _int(v: Any, name: str, op: str, lo: int = 0) -> int:
     return int(v)
 
 
-def _place(device: Any, op: str):
-    """(framework, device string, device type) for a builder's `device` argument."""
-    if device is None:
-        return "numpy", "cpu", "cpu"
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{op}: device must be cpu or cuda, got {device!r}")
-    return "torch", str(dev), dev.type
-
-
 def _geometry(q_len, kv_len, block_size, batch, heads, device, op):
     q_len = _int(q_len, "q_len", op)
     kv_len = _int(kv_len, "kv_len", op)
     batch = _int(batch, "batch", op, 1)
     heads = _int(heads, "heads", op, 1)
-    fw, dev, dev_type = _place(device, op)
+    fw, dev, dev_type = place(device, op)
     bs = check_block_size(block_size, dev_type, op)
     return q_len, kv_len, bs, batch, heads, fw, dev
 
@@ -78,6 +63,20 @@ def _finish(visited: np.ndarray, mask: Optional[ElementMask], q_len, kv_len, bs,
     visited = np.broadcast_to(visited, shape)
     full = visited & all_
     return _from_layouts(full, visited & ~full, bs, q_len, kv_len, mask, fw, dev)
+
+
+def _exact_pattern(touched: np.ndarray, visible, q_len, kv_len, bs, batch, heads, fw, dev) -> BlockMask:
+    """A token-exact mask of a pattern that does not depend on batch and head: touched
+    (nQb, nKb) holds every tile with an element of it, visible(i, j) -> bool decides
+    elements (i, j int arrays that broadcast)."""
+    bq, bk = bs
+
+    def elements(b, h, qb, kb):
+        i = qb[:, None, None] * bq + np.arange(bq)[None, :, None]
+        j = kb[:, None, None] * bk + np.arange(bk)[None, None, :]
+        return np.broadcast_to(visible(i, j), (len(qb), bq, bk))
+
+    return from_tile_elements(touched[None, None], elements, bs, q_len, kv_len, fw, dev, lead=(batch, heads))
 
 
 def _exact(mask: ElementMask, q_len, kv_len, bs, batch, heads, fw, dev) -> BlockMask:
@@ -126,12 +125,7 @@ def strided(q_len: int, kv_len: int, stride: int, *, block_size=DEFAULT_BLOCK_SI
             heads: int = 1, device=None) -> BlockMask:
     """Sparse Transformer strided pattern (Child et al. 2019), causal, in tokens: query i
     sees key j iff j <= d(i) and (d(i) - stride < j, the local band, or
-    j mod stride == stride - 1, the summary columns).
-
-    Block-granular: the tiles visited are exactly those holding an element of the pattern;
-    inside them the element mask is only ElementMask(causal=True), so the visible
-    elements are a superset of the pattern (exact when stride is a multiple of the block
-    sizes and the band is block aligned, approximate otherwise)."""
+    j mod stride == stride - 1, the summary columns). Exact (bit tiles)."""
     op = "masks.strided"
     stride = _int(stride, "stride", op, 1)
     q_len, kv_len, bs, batch, heads, fw, dev = _geometry(q_len, kv_len, block_size, batch, heads, device, op)
@@ -141,7 +135,12 @@ def strided(q_len: int, kv_len: int, stride: int, *, block_size=DEFAULT_BLOCK_SI
     # first summary column >= j0, visible to the last row of the tile if <= its diagonal
     first = j0 + np.mod(stride - 1 - j0, stride)
     cols = (first < j1) & (first <= (i1 - 1) + off)
-    return _finish(band | cols, ElementMask(causal=True), q_len, kv_len, bs, batch, heads, fw, dev)
+
+    def visible(i, j):
+        d = i + off
+        return (j <= d) & ((d - stride < j) | (j % stride == stride - 1))
+
+    return _exact_pattern(band | cols, visible, q_len, kv_len, bs, batch, heads, fw, dev)
 
 
 def dilated(q_len: int, kv_len: int, segment: int, dilation: int, *, block_size=DEFAULT_BLOCK_SIZE,
@@ -149,10 +148,7 @@ def dilated(q_len: int, kv_len: int, segment: int, dilation: int, *, block_size=
     """LongNet dilated attention (Ding et al. 2023), one (segment, dilation) pair, causal,
     in tokens: positions are cut into segments of `segment` tokens; query i sees key j iff
     j <= d(i), j lies in the segment of d(i) (j // segment == d(i) // segment) and
-    (j mod segment) mod dilation == 0. Mix several pairs with `union`.
-
-    Block-granular: the tiles visited are exactly those holding an element of the pattern;
-    inside them the element mask is only ElementMask(causal=True)."""
+    (j mod segment) mod dilation == 0. Mix several pairs with `union`. Exact (bit tiles)."""
     op = "masks.dilated"
     segment = _int(segment, "segment", op, 1)
     dilation = _int(dilation, "dilation", op, 1)
@@ -167,7 +163,12 @@ def dilated(q_len: int, kv_len: int, segment: int, dilation: int, *, block_size=
     r = a % segment
     r_next = -(-r // dilation) * dilation
     first = np.where(r_next < segment, a - r + r_next, a - r + segment)
-    return _finish(first <= b, ElementMask(causal=True), q_len, kv_len, bs, batch, heads, fw, dev)
+
+    def visible(i, j):
+        d = i + off
+        return (j <= d) & (j // segment == d // segment) & ((j % segment) % dilation == 0)
+
+    return _exact_pattern(first <= b, visible, q_len, kv_len, bs, batch, heads, fw, dev)
 
 
 def bigbird(q_len: int, kv_len: int, window_blocks: int, global_blocks: int, random_blocks: int, seed: int = 0, *,
@@ -220,10 +221,8 @@ def longformer(q_len: int, kv_len: int, window: int, global_tokens: Sequence[int
     attend and are attended everywhere). global_tokens: positions in [0, kv_len); the
     global query of position t is row t - (kv_len - q_len) when that row exists.
 
-    Without global tokens the mask is exact: ElementMask(window_left=window,
-    window_right=window). With global tokens it is block-granular: the tiles visited are
-    exactly those holding an element of the pattern, with no element mask inside them
-    (each visited tile is fully visible up to q_len / kv_len)."""
+    Exact: without global tokens an ElementMask(window_left=window, window_right=window),
+    with them bit tiles."""
     op = "masks.longformer"
     window = _int(window, "window", op)
     try:
@@ -249,7 +248,12 @@ def longformer(q_len: int, kv_len: int, window: int, global_tokens: Sequence[int
     rows = np.zeros(nq, bool)
     rows[rows_i // bs[0]] = True
     visited = any_ | cols[None, :] | rows[:, None]
-    return _finish(visited, None, q_len, kv_len, bs, batch, heads, fw, dev)
+
+    def visible(i, j):
+        d = i + off
+        return (np.abs(j - d) <= window) | np.isin(j, g) | np.isin(d, g)
+
+    return _exact_pattern(visited, visible, q_len, kv_len, bs, batch, heads, fw, dev)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,9 +268,6 @@ def _check_pair(a: BlockMask, b: BlockMask, op: str):
             raise ValueError(f"{op}: a and b differ in {field}: {getattr(a, field)} vs {getattr(b, field)}")
     if (a.framework, a.device) != (b.framework, b.device):
         raise ValueError(f"{op}: a is {a.framework} on {a.device} but b is {b.framework} on {b.device}")
-    if a.mask != b.mask:
-        raise ValueError(f"{op}: a and b have different element masks ({a.mask!r} vs {b.mask!r}); "
-                         f"combine masks with equal element masks (or both None)")
     try:
         lead = np.broadcast_shapes(a.shape[:2], b.shape[:2])
     except ValueError:
@@ -280,35 +281,47 @@ def _layouts(m: BlockMask, lead):
     return np.broadcast_to(full, shape), np.broadcast_to(part, shape)
 
 
-def union(a: BlockMask, b: BlockMask) -> BlockMask:
-    """Elements visible in a or in b. a and b must have the same q_len, kv_len, block_size,
-    place and element mask (ValueError otherwise; the one element mask cannot express a
-    per-block choice); batch / heads broadcast. A tile is full if full in either, partial
-    if visited by either and full in neither."""
-    op = "masks.union"
+def _tile_level(*ms: BlockMask) -> bool:
+    """Masks combine tile by tile (keeping their one element mask) iff they share the
+    element mask and none has bit tiles; otherwise the result is built from elements."""
+    return all(m.mask == ms[0].mask and m.partial_bits is None for m in ms)
+
+
+def _combine(a: BlockMask, b: BlockMask, op: str, both: bool) -> BlockMask:
     lead = _check_pair(a, b, op)
     fa, pa = _layouts(a, lead)
     fb, pb = _layouts(b, lead)
-    full = fa | fb
-    return _from_layouts(full, (pa | pb) & ~full, a.block_size, a.q_len, a.kv_len, a.mask, a.framework, a.device)
+    visited = ((fa | pa) & (fb | pb)) if both else (fa | pa | fb | pb)
+    if _tile_level(a, b):
+        full = (fa & fb) if both else (fa | fb)
+        return _from_layouts(full, visited & ~full, a.block_size, a.q_len, a.kv_len, a.mask, a.framework, a.device)
+
+    def elements(bi, hi, qb, kb):
+        ea, eb = a.tile_elements(bi, hi, qb, kb), b.tile_elements(bi, hi, qb, kb)
+        return (ea & eb) if both else (ea | eb)
+
+    return from_tile_elements(visited, elements, a.block_size, a.q_len, a.kv_len, a.framework, a.device)
+
+
+def union(a: BlockMask, b: BlockMask) -> BlockMask:
+    """Elements visible in a or in b. a and b must have the same q_len, kv_len, block_size
+    and place (ValueError otherwise); batch / heads broadcast. With equal element masks and
+    no bit tiles the result keeps that element mask (a tile is full if full in either,
+    partial if visited by either and full in neither); otherwise it is token-exact with bit
+    tiles (see `longattn.block_mask`)."""
+    return _combine(a, b, "masks.union", both=False)
 
 
 def intersection(a: BlockMask, b: BlockMask) -> BlockMask:
-    """Elements visible in a and in b; same requirements as `union`. A tile is full if full
-    in both, partial if visited by both and not full in both."""
-    op = "masks.intersection"
-    lead = _check_pair(a, b, op)
-    fa, pa = _layouts(a, lead)
-    fb, pb = _layouts(b, lead)
-    full = fa & fb
-    visited = (fa | pa) & (fb | pb)
-    return _from_layouts(full, visited & ~full, a.block_size, a.q_len, a.kv_len, a.mask, a.framework, a.device)
+    """Elements visible in a and in b; same requirements and representation as `union` (at
+    tile level: full if full in both, partial if visited by both and not full in both)."""
+    return _combine(a, b, "masks.intersection", both=True)
 
 
 def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
     """Per-head patterns: concatenates the masks along the head dim (a mask with H heads
     contributes H heads; batch dims broadcast). All masks must have the same q_len,
-    kv_len, block_size, place and element mask (ValueError otherwise)."""
+    kv_len, block_size and place (ValueError otherwise); representation as `union`."""
     op = "masks.stack_heads"
     masks = list(masks)
     if not masks:
@@ -324,9 +337,6 @@ def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
         if (m.framework, m.device) != (first.framework, first.device):
             raise ValueError(f"{op}: masks[{n}] is {m.framework} on {m.device} but masks[0] is "
                              f"{first.framework} on {first.device}")
-        if m.mask != first.mask:
-            raise ValueError(f"{op}: masks[{n}] has element mask {m.mask!r} but masks[0] has {first.mask!r}; "
-                             f"stacked heads share one element mask")
     batch = max(m.shape[0] for m in masks)
     for n, m in enumerate(masks):
         if m.shape[0] not in (1, batch):
@@ -336,8 +346,23 @@ def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
         f, p = _layouts(m, (batch, m.shape[1]))
         fulls.append(f)
         parts.append(p)
-    return _from_layouts(np.concatenate(fulls, axis=1), np.concatenate(parts, axis=1), first.block_size,
-                         first.q_len, first.kv_len, first.mask, first.framework, first.device)
+    full, part = np.concatenate(fulls, axis=1), np.concatenate(parts, axis=1)
+    if _tile_level(*masks):
+        return _from_layouts(full, part, first.block_size, first.q_len, first.kv_len, first.mask, first.framework,
+                             first.device)
+    starts = np.cumsum([0] + [m.shape[1] for m in masks])
+
+    def elements(bi, hi, qb, kb):
+        out = np.zeros((len(bi),) + first.block_size, bool)
+        owner = np.searchsorted(starts, hi, side="right") - 1
+        for n, m in enumerate(masks):
+            sel = owner == n
+            if sel.any():
+                out[sel] = m.tile_elements(bi[sel], hi[sel] - starts[n], qb[sel], kb[sel])
+        return out
+
+    return from_tile_elements(full | part, elements, first.block_size, first.q_len, first.kv_len, first.framework,
+                              first.device)
 
 
 # ---------------------------------------------------------------------------------------

@@ -232,15 +232,18 @@ from . import block_sparse as _block_sparse  # noqa: E402
 
 # The BlockMask travels as its eight int32 lists: key side (kv_num, kv_idx, full_num,
 # full_idx) for the forward, plus the query side (q_num, q_idx, full_q_num, full_q_idx) that
-# the CUDA backward walks. `deterministic` rides along in the forward for the backward.
+# the CUDA backward walks, then its bit tiles (bits, kv_bits, q_bits: empty tensors for masks
+# without). `deterministic` rides along in the forward for the backward.
 @torch.library.custom_op("longattn::block_sparse_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
                                    kv_idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
                                    q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
-                                   full_q_idx: torch.Tensor, block_q: int, block_k: int, causal: bool,
+                                   full_q_idx: torch.Tensor, bits: torch.Tensor, kv_bits: torch.Tensor,
+                                   q_bits: torch.Tensor, block_q: int, block_k: int, causal: bool,
                                    window_left: int, window_right: int, sink_tokens: int, scale: float,
                                    softcap: float, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    sched = _block_sparse.make_schedule((kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx),
+    sched = _block_sparse.make_schedule((kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
+                                         bits, kv_bits, q_bits),
                                         block_q, block_k, (causal, window_left, window_right, sink_tokens))
     return _attention.forward_arrays(q, k, v, None, None, None, None, scale, softcap, None, -1, -1, False, None,
                                      "block_sparse_attention", sched)
@@ -248,8 +251,8 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 @block_sparse_attention_forward.register_fake
 def _block_sparse_forward_fake(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
-                               block_q, block_k, causal, window_left, window_right, sink_tokens, scale, softcap,
-                               deterministic):
+                               bits, kv_bits, q_bits, block_q, block_k, causal, window_left, window_right,
+                               sink_tokens, scale, softcap, deterministic):
     return (q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],)),
             q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32))
 
@@ -259,11 +262,12 @@ def block_sparse_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Ten
                                     k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                     kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor,
                                     full_idx: torch.Tensor, q_num: torch.Tensor, q_idx: torch.Tensor,
-                                    full_q_num: torch.Tensor, full_q_idx: torch.Tensor, block_q: int, block_k: int,
+                                    full_q_num: torch.Tensor, full_q_idx: torch.Tensor, bits: torch.Tensor,
+                                    kv_bits: torch.Tensor, q_bits: torch.Tensor, block_q: int, block_k: int,
                                     causal: bool, window_left: int, window_right: int, sink_tokens: int, scale: float,
                                     softcap: float, deterministic: bool
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lists = (kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
+    lists = (kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx, bits, kv_bits, q_bits)
     return _block_sparse.block_sparse_backward_arrays(dout, dlse, q, k, v, out, lse, lists, block_q, block_k,
                                                       (causal, window_left, window_right, sink_tokens), scale, softcap,
                                                       deterministic)
@@ -271,15 +275,15 @@ def block_sparse_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Ten
 
 @block_sparse_attention_backward.register_fake
 def _block_sparse_backward_fake(dout, dlse, q, k, v, out, lse, kv_num, kv_idx, full_num, full_idx, q_num, q_idx,
-                                full_q_num, full_q_idx, block_q, block_k, causal, window_left, window_right,
-                                sink_tokens, scale, softcap, deterministic):
+                                full_q_num, full_q_idx, bits, kv_bits, q_bits, block_q, block_k, causal, window_left,
+                                window_right, sink_tokens, scale, softcap, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _block_sparse_setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
-    ctx.save_for_backward(q, k, v, output[0], output[1], *inputs[3:11])
-    ctx.args = inputs[11:]
+    ctx.save_for_backward(q, k, v, output[0], output[1], *inputs[3:14])
+    ctx.args = inputs[14:]
 
 
 def _block_sparse_backward(ctx, dout, dlse):
@@ -287,7 +291,7 @@ def _block_sparse_backward(ctx, dout, dlse):
     dout = torch.zeros_like(out) if dout is None else (dout if dout.stride(-1) == 1 else dout.contiguous())
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv = torch.ops.longattn.block_sparse_attention_backward(dout, dlse, q, k, v, out, lse, *lists, *ctx.args)
-    return (dq, dk, dv) + (None,) * 17
+    return (dq, dk, dv) + (None,) * 20
 
 
 torch.library.register_autograd("longattn::block_sparse_attention_forward", _block_sparse_backward,

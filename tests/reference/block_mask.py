@@ -85,7 +85,7 @@ def tiles_all(elements, block_size):
     for a in range(nq):
         for b in range(nk):
             tile = elements[..., a * bq:(a + 1) * bq, b * bk:(b + 1) * bk]
-            out[..., a, b] = tile.shape[-2:] == (bq, bk) and bool(tile.all())
+            out[..., a, b] = tile.all(axis=(-1, -2)) & (tile.shape[-2:] == (bq, bk))
     return out
 
 
@@ -99,9 +99,35 @@ def decode(counts, indices):
     return out
 
 
+def bit_tile(words, block_k):
+    """Boolean (block_q, block_k) of one bit tile (block_q, W) int32: column c is bit c % 32
+    of word c // 32 (arithmetic shifts of negative words still expose bit 31)."""
+    words = np.asarray(words, np.int64)
+    return np.stack([(words[:, c // 32] >> (c % 32)) & 1 for c in range(block_k)], axis=1).astype(bool)
+
+
+def partial_bits(bm):
+    """(B, H, q_len, kv_len) of the bit tiles of a BlockMask's partial blocks, placed by the
+    kv-side lists and kv_bits_index (True everywhere when the mask has no bit tiles)."""
+    to_np = lambda x: x if isinstance(x, np.ndarray) else x.cpu().numpy()  # noqa: E731
+    counts = to_np(bm.kv_num_blocks)
+    bq, bk = bm.block_size
+    nq, nk = -(-bm.q_len // bq), -(-bm.kv_len // bk)
+    out = np.ones(counts.shape[:2] + (nq * bq, nk * bk), bool)
+    if bm.partial_bits is not None:
+        idx, ids, pool = to_np(bm.kv_indices), to_np(bm.kv_bits_index), to_np(bm.partial_bits)
+        for pos in np.ndindex(counts.shape):
+            qb = pos[2]
+            for s in range(int(counts[pos])):
+                kb = int(idx[pos + (s,)])
+                out[pos[0], pos[1], qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk] = \
+                    bit_tile(pool[int(ids[pos + (s,)])], bk)
+    return out[:, :, :bm.q_len, :bm.kv_len]
+
+
 def expand(bm):
     """(B, H, q_len, kv_len) visible elements of a BlockMask from its kv-side lists:
-    full tiles entirely, partial tiles through the reference element mask."""
+    full tiles entirely, partial tiles through the reference element mask and bit tiles."""
     to_np = lambda x: x if isinstance(x, np.ndarray) else x.cpu().numpy()  # noqa: E731
     full = decode(to_np(bm.full_kv_num_blocks), to_np(bm.full_kv_indices))
     part = decode(to_np(bm.kv_num_blocks), to_np(bm.kv_indices))
@@ -112,7 +138,7 @@ def expand(bm):
         m = bm.mask
         em = element_mask(q_len, kv_len, m.causal, m.window_left, m.window_right, m.sink_tokens)
     grow = lambda t: t.repeat(bq, axis=-2).repeat(bk, axis=-1)[..., :q_len, :kv_len]  # noqa: E731
-    return grow(full) | (grow(part) & em)
+    return grow(full) | (grow(part) & em & partial_bits(bm))
 
 
 # ---------------------------------------------------------------------------------------

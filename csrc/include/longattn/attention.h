@@ -24,6 +24,15 @@ namespace longattn {
 // devices, and every count and index of host-resident lists; device-resident lists were
 // validated where the BlockMask was built (the CUDA kernels also clamp what they read, so
 // invalid contents can give wrong numbers but never an out-of-bounds access).
+//
+// Token-granular masks (BlockMask.from_mask_mod, the exact strided / dilated / Longformer
+// builders, unions of different patterns) add per-partial-block bit masks: a pool `bits`
+// of num_bits tiles, each block_q rows of bits_words int32 words (bit c % 32 of word c / 32
+// of row r: element (r, c) of the tile is visible), and, aligned slot for slot with kv_idx
+// and q_idx (same shapes and strides), the pool index of each listed partial block
+// (kv_bits, q_bits). A partial element is visible iff the element mask above allows it
+// and, when bits is not null, its bit is set. Pool indices of host lists are checked by the
+// binding; the CUDA kernels clamp them to [0, num_bits).
 struct BlockSparseSchedule {
   const int32_t* kv_num = nullptr;  // (B|1, H|1, nQb) partial counts
   const int32_t* kv_idx = nullptr;  // (B|1, H|1, nQb, nKb)
@@ -41,6 +50,15 @@ struct BlockSparseSchedule {
   int64_t block_q = 0, block_k = 0;
   bool causal = false;
   int64_t window_left = -1, window_right = -1, sink_tokens = 0;
+  const int32_t* bits = nullptr;  // (num_bits, block_q, bits_words) or null
+  int64_t num_bits = 0, bits_words = 0;
+  const int32_t* kv_bits = nullptr;  // pool index per kv_idx slot (strides idx_stride); null iff bits is
+  const int32_t* q_bits = nullptr;   // pool index per q_idx slot (strides q_idx_stride); null iff bits is
+
+  // Bit (r, c) of pool tile `id`: r the row inside the query block, c the column inside the key block.
+  bool bit(int64_t id, int64_t r, int64_t c) const {
+    return (uint32_t(bits[(id * block_q + r) * bits_words + (c >> 5)]) >> (c & 31)) & 1u;
+  }
 
   bool visible(int64_t i, int64_t j, int64_t sq, int64_t sk) const {
     const int64_t d = i + sk - sq;

@@ -74,8 +74,8 @@ def _flex_attention():
 
 def flex_block_mask(bm, device):
     """torch's flex BlockMask for a longattn BlockMask: the same lists, and a mask_mod that
-    applies the element mask (causal / window / sink tokens, bottom-right aligned) inside
-    partial blocks. The compiled flex_attention skips unlisted blocks and calls mask_mod
+    applies the element mask (causal / window / sink tokens, bottom-right aligned) and the
+    bit tiles inside partial blocks. The compiled flex_attention skips unlisted blocks and calls mask_mod
     in partial blocks only; eager flex_attention applies mask_mod alone and so ignores the
     lists (checked on the CPU: compiled flex matches the float64 reference)."""
     import torch
@@ -87,10 +87,21 @@ def flex_block_mask(bm, device):
     lists = [(x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))).to(device) for x in lists]
     m, off = bm.mask, bm.kv_len - bm.q_len
     mask_mod = None
-    if m is not None:
+    bq, bk = bm.block_size
+    if bm.partial_bits is not None:  # bit tiles: look each element's bit up in the pool
+        pool = (bm.partial_bits if isinstance(bm.partial_bits, torch.Tensor) else
+                torch.from_numpy(np.array(bm.partial_bits))).to(device)
+        tile = torch.from_numpy(np.maximum(bm.tile_index_map(), 0)).to(device)  # (B|1, H|1, nQb, nKb)
+    if m is not None or bm.partial_bits is not None:
         def mask_mod(b, h, q_idx, kv_idx):
             d = q_idx + off
             vis = kv_idx == kv_idx  # all True, as a tensor
+            if bm.partial_bits is not None:
+                t = tile[b if tile.shape[0] > 1 else 0, h if tile.shape[1] > 1 else 0, q_idx // bq, kv_idx // bk]
+                word = pool[t, q_idx % bq, (kv_idx % bk) // 32]
+                vis = vis & (((word >> ((kv_idx % bk) % 32)) & 1) == 1)
+            if m is None:
+                return vis
             if m.window_left >= 0:
                 vis = vis & (kv_idx >= d - m.window_left)
             if m.window_right >= 0:
