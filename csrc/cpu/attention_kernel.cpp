@@ -194,8 +194,17 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
       }
       if (visit.tile) {  // bit tiles: a partial column also needs its bit (row i of its query block)
         const int64_t r_blk = i % bs.block_q;
-        for (int64_t c = 0; c < cols; ++c)
-          if (visit.state[c] == 2 && !bs.bit(visit.tile[c], r_blk, (j0 + c) % bs.block_k)) row[c] = neg_inf<C>();
+        for (int64_t c = 0; c < cols;) {  // one run of columns per key block
+          const int64_t jj = (j0 + c) % bs.block_k, run = std::min(cols - c, bs.block_k - jj);
+          if (visit.state[c] == 2) {
+            const int32_t* w = bs.bits + (visit.tile[c] * bs.block_q + r_blk) * bs.bits_words;
+            for (int64_t x = 0; x < run; ++x) {
+              const int64_t t = jj + x;
+              if (!((uint32_t(w[t >> 5]) >> (t & 31)) & 1u)) row[c + x] = neg_inf<C>();
+            }
+          }
+          c += run;
+        }
       }
     } else if (masked) {
       const int64_t d = i + off;
