@@ -57,7 +57,7 @@ def attention_cases():
 
 def block_sparse_cases():
     for bq, bk in ((64, 64), (128, 64), (64, 128), (128, 128)):
-        for pattern in ("sliding", "bigbird", "streaming"):
+        for pattern in ("sliding", "bigbird", "streaming", "strided_bits", "union_bits"):
             name = f"block_sparse {pattern} block=({bq},{bk})"
 
             def run(bq=bq, bk=bk, pattern=pattern):
@@ -67,8 +67,13 @@ def block_sparse_cases():
                 elif pattern == "bigbird":
                     bm = longattn.masks.bigbird(S, S, window_blocks=1, global_blocks=1, random_blocks=1, seed=0,
                                                 block_size=(bq, bk))
-                else:
+                elif pattern == "streaming":
                     bm = longattn.masks.streaming(S, S, sink_tokens=4, window=90, block_size=(bq, bk))
+                elif pattern == "strided_bits":  # bit tiles
+                    bm = longattn.masks.strided(S, S, 37, block_size=(bq, bk))
+                else:  # bit tiles from a union of different element masks
+                    bm = longattn.masks.union(longattn.masks.dilated(S, S, 64, 3, block_size=(bq, bk)),
+                                              longattn.masks.streaming(S, S, 4, 50, block_size=(bq, bk)))
                 bm = bm.to(DEV)
                 q, k, v = randn(1, S, 4, 64), randn(1, S, 2, 64), randn(1, S, 2, 64)
                 out = longattn.block_sparse_attention(q, k, v, bm)
