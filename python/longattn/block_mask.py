@@ -676,12 +676,14 @@ def _from_layouts(full: np.ndarray, partial: np.ndarray, block_size, q_len: int,
 
 
 def from_tile_elements(candidates: np.ndarray, elements, block_size, q_len: int, kv_len: int,
-                       framework: str = "numpy", device: str = "cpu", lead=None) -> BlockMask:
+                       framework: str = "numpy", device: str = "cpu", lead=None, tile_class=None) -> BlockMask:
     """A token-granular BlockMask: `candidates` boolean (B|1, H|1, nQb, nKb) holds every tile
     that may have a visible element; elements(b, h, qb, kb) -> boolean (n, block_q, block_k)
     gives the visible elements of n such tiles (int arrays (n,)). Tiles with no visible
     element are dropped, uncut tiles with all elements visible are full, the rest partial
     with their bits in a deduplicated pool. `lead` (batch, heads) broadcasts the result.
+    `tile_class(b, h, qb, kb)` (optional) -> int (n,) names classes of uncut tiles known to
+    hold the same elements (-1: no class), so that one tile per class is evaluated.
 
     The element function is called in chunks of tiles, so memory stays bounded whatever
     the size of the mask."""
@@ -690,23 +692,38 @@ def from_tile_elements(candidates: np.ndarray, elements, block_size, q_len: int,
     i0, i1, j0, j1 = block_grid(q_len, kv_len, block_size)
     uncut = ((i1 - i0) == bq) & ((j1 - j0) == bk)
     tiles = np.argwhere(candidates)
-    full = np.zeros(shape, bool)
-    partial = np.zeros(shape, bool)
-    pieces, where = [], []
+    if tile_class is not None and len(tiles):
+        cls = np.asarray(tile_class(*tiles.T), np.int64)
+        shared = cls >= 0
+        _, first, rep_of = np.unique(cls[shared], return_index=True, return_inverse=True)
+        tiles = np.concatenate([tiles[~shared], tiles[shared]])
+        todo = np.concatenate([tiles[:int((~shared).sum())], tiles[len(tiles) - int(shared.sum()):][first]])
+        # evaluated row of each tile: itself, or its class representative
+        source = np.concatenate([np.arange((~shared).sum()), (~shared).sum() + rep_of.reshape(-1)])
+    else:
+        todo, source = tiles, np.arange(len(tiles))
+    status = np.zeros(len(todo), np.int8)  # 0 nothing visible, 1 full, 2 partial
+    piece_of = np.full(len(todo), -1, np.int64)  # row in `words` of a partial tile's bits
+    pieces, n_pieces = [], 0
     step = max(1, _TILE_CHUNK_ELEMENTS // (bq * bk))
-    for c in range(0, len(tiles), step):
-        t = tiles[c:c + step]
+    for c in range(0, len(todo), step):
+        t = todo[c:c + step]
         e = np.asarray(elements(t[:, 0], t[:, 1], t[:, 2], t[:, 3]), bool)
         inside = ((t[:, 2:3, None] * bq + np.arange(bq)[None, :, None]) < q_len) & \
                  ((t[:, 3:4, None] * bk + np.arange(bk)[None, None, :]) < kv_len)
         e = e & inside
         any_, all_ = e.any(axis=(1, 2)), e.all(axis=(1, 2)) & uncut[t[:, 2], t[:, 3]]
-        full[tuple(t[all_].T)] = True
         p = any_ & ~all_
-        partial[tuple(t[p].T)] = True
+        status[c:c + step] = np.where(all_, 1, np.where(p, 2, 0))
         if p.any():
             pieces.append(pack_bits(e[p]))
-            where.append(t[p])
+            piece_of[c + np.flatnonzero(p)] = n_pieces + np.arange(int(p.sum()))
+            n_pieces += int(p.sum())
+    status, piece_of = status[source], piece_of[source]
+    full = np.zeros(shape, bool)
+    partial = np.zeros(shape, bool)
+    full[tuple(tiles[status == 1].T)] = True
+    partial[tuple(tiles[status == 2].T)] = True
     if lead is not None:
         shape = tuple(lead) + shape[2:]
         full, partial = np.broadcast_to(full, shape), np.broadcast_to(partial, shape)
@@ -716,7 +733,7 @@ def from_tile_elements(candidates: np.ndarray, elements, block_size, q_len: int,
     pool, inverse = np.unique(words.reshape(len(words), -1), axis=0, return_inverse=True)
     pool = pool.reshape((len(pool),) + words.shape[1:]).astype(np.int32)
     bits_map = np.zeros(candidates.shape, np.int32)
-    bits_map[tuple(np.concatenate(where).T)] = inverse.reshape(-1)
+    bits_map[tuple(tiles[status == 2].T)] = inverse.reshape(-1)[piece_of[status == 2]]
     bits_map = np.broadcast_to(bits_map, shape)
     arrays = []
     for layout, ids in ((partial, bits_map), (np.swapaxes(partial, -1, -2), np.swapaxes(bits_map, -1, -2))):

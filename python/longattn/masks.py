@@ -65,10 +65,12 @@ def _finish(visited: np.ndarray, mask: Optional[ElementMask], q_len, kv_len, bs,
     return _from_layouts(full, visited & ~full, bs, q_len, kv_len, mask, fw, dev)
 
 
-def _exact_pattern(touched: np.ndarray, visible, q_len, kv_len, bs, batch, heads, fw, dev) -> BlockMask:
+def _exact_pattern(touched: np.ndarray, visible, q_len, kv_len, bs, batch, heads, fw, dev,
+                   by_column: Optional[np.ndarray] = None) -> BlockMask:
     """A token-exact mask of a pattern that does not depend on batch and head: touched
     (nQb, nKb) holds every tile with an element of it, visible(i, j) -> bool decides
-    elements (i, j int arrays that broadcast)."""
+    elements (i, j int arrays that broadcast). by_column (nQb, nKb), optional: tiles whose
+    elements depend on the key only, so that uncut ones of one key block are evaluated once."""
     bq, bk = bs
 
     def elements(b, h, qb, kb):
@@ -76,7 +78,13 @@ def _exact_pattern(touched: np.ndarray, visible, q_len, kv_len, bs, batch, heads
         j = kb[:, None, None] * bk + np.arange(bk)[None, None, :]
         return np.broadcast_to(visible(i, j), (len(qb), bq, bk))
 
-    return from_tile_elements(touched[None, None], elements, bs, q_len, kv_len, fw, dev, lead=(batch, heads))
+    tile_class = None
+    if by_column is not None:
+        i0, i1, j0, j1 = block_grid(q_len, kv_len, bs)
+        same = by_column & ((i1 - i0) == bq) & ((j1 - j0) == bk)
+        tile_class = lambda b, h, qb, kb: np.where(same[qb, kb], kb, -1)  # noqa: E731
+    return from_tile_elements(touched[None, None], elements, bs, q_len, kv_len, fw, dev, lead=(batch, heads),
+                              tile_class=tile_class)
 
 
 def _exact(mask: ElementMask, q_len, kv_len, bs, batch, heads, fw, dev) -> BlockMask:
@@ -140,7 +148,9 @@ def strided(q_len: int, kv_len: int, stride: int, *, block_size=DEFAULT_BLOCK_SI
         d = i + off
         return (j <= d) & ((d - stride < j) | (j % stride == stride - 1))
 
-    return _exact_pattern(band | cols, visible, q_len, kv_len, bs, batch, heads, fw, dev)
+    # Tiles wholly left of the band (every key j <= d - stride) hold the summary columns only.
+    left_of_band = (j1 - 1) <= (i0 + off) - stride
+    return _exact_pattern(band | cols, visible, q_len, kv_len, bs, batch, heads, fw, dev, by_column=left_of_band)
 
 
 def dilated(q_len: int, kv_len: int, segment: int, dilation: int, *, block_size=DEFAULT_BLOCK_SIZE,
