@@ -33,8 +33,12 @@
 // BlockSparseSchedule's lists (flash_common.cuh): the main kernel walks the query blocks
 // listed for its key block (query-side lists; the state full / partial is uniform per
 // CTA and query tile), the deterministic dQ kernel the forward's SparseKeyWalk. Partial
-// tiles apply the BlockMask's element mask. The sparse variants have not yet run on a
-// GPU; they are checked on the host through tests/cuda_emulation.
+// tiles apply the BlockMask's element mask and, with token-granular bit masks
+// (BlockSparseSchedule::bits), the element's bit: the main kernel copies a query tile's
+// words with its Q and dO into its row statistics (so the atomic dQ, computed from the
+// masked dS, needs nothing more), the dQ kernel as the forward (pad_bits, flash_common.cuh).
+// The sparse variants have not yet run on a GPU; they are checked on the host through
+// tests/cuda_emulation.
 #pragma once
 
 #include "flash_common.cuh"
@@ -121,14 +125,20 @@ __host__ __device__ inline bool pair_ok(const void* ptr, const int64_t (&stride)
 }
 
 // ---- 2. main kernel -------------------------------------------------------------------------
-// Shared memory of the main kernel with `stages` buffers of Q, dO, lse and delta.
+// Row statistics per query row and stage: lse and delta, and in the sparse variant the
+// kBlockN / 32 bit-mask words of the row over the CTA's keys.
 template <int Dp>
-__host__ __device__ constexpr int bwd_smem_bytes(int stages) {
+__host__ __device__ constexpr int bwd_stat_words(bool sparse) {
+  return 2 + (sparse ? BwdTraits<Dp>::kBlockN / 32 : 0);
+}
+// Shared memory of the main kernel with `stages` buffers of Q, dO and the row statistics.
+template <int Dp>
+__host__ __device__ constexpr int bwd_smem_bytes(int stages, bool sparse = false) {
   using Tr = BwdTraits<Dp>;
   return 2 * Tr::kBlockN * (Dp + kPad) * 2                // K, V
          + stages * 2 * Tr::kBlockM * (Dp + kPad) * 2     // Q, dO
          + 2 * Tr::kBlockN * (Tr::kBlockM + kPad) * 2     // P^T, dS^T
-         + stages * 2 * Tr::kBlockM * 4;                  // lse, delta
+         + stages * bwd_stat_words<Dp>(sparse) * Tr::kBlockM * 4;  // lse, delta (bit masks)
 }
 // Query tiles in flight: two (the next tile's Q, dO, lse, delta load while the current one
 // is computed, as FlashAttention-2) where that fits sm80's 163 KiB of shared memory, i.e.
@@ -137,26 +147,27 @@ template <int Dp>
 __host__ __device__ constexpr int bwd_stages() {
   return bwd_smem_bytes<Dp>(2) <= 163 * 1024 ? 2 : 1;
 }
-template <int Dp>
+template <int Dp, bool Sparse = false>
 constexpr int bwd_smem_bytes() {
-  return bwd_smem_bytes<Dp>(bwd_stages<Dp>());
+  return bwd_smem_bytes<Dp>(bwd_stages<Dp>(), Sparse);
 }
 static_assert(bwd_stages<32>() == 2 && bwd_stages<64>() == 2 && bwd_stages<96>() == 2 && bwd_stages<128>() == 2 &&
                   bwd_stages<192>() == 1 && bwd_stages<256>() == 1,
               "bwd stages");
-static_assert(bwd_smem_bytes<256>() <= 227 * 1024, "bwd smem");
+// The sparse variant's bit-mask words (0.5 KiB a stage) keep the same stages within the same limits.
+static_assert(bwd_smem_bytes<128, true>() <= 163 * 1024 && bwd_smem_bytes<256, true>() <= 227 * 1024, "bwd smem");
 
 // The query tiles a backward CTA visits, in order, over the query heads [h_begin, h_end)
 // of its GQA group: per head, dense, the M-row tiles [qb_begin, qb_end) whose key_range()
 // meets the CTA's keys [j0, j0 + ncols) (masked unless the keys lie inside its
-// [full_begin, full_end)); sparse, the SparseQueryWalk of the key block (masked = partial).
-// next() moves to the next tile (h, i0, masked) and returns false when none is left, so the
-// caller can look one tile ahead for the prefetch.
+// [full_begin, full_end)); sparse, the SparseQueryWalk of the key block (masked = partial,
+// bid = the pool index of its bit mask). next() moves to the next tile (h, i0, masked, bid)
+// and returns false when none is left, so the caller can look one tile ahead for the prefetch.
 template <int M, int N, bool Sparse>
 struct BwdQueryTiles {
   SparseQueryWalk<M> walk;
   int qb = 0, qb_begin = 0, qb_end = 0, h_end = 0, kbk = 0;
-  int h = 0, i0 = 0;
+  int h = 0, i0 = 0, bid = 0;
   bool masked = false;
 
   __device__ __forceinline__ void init(const BlockSparseSchedule& bs, const Seq& s, int b, int h_begin, int h_end_,
@@ -175,12 +186,13 @@ struct BwdQueryTiles {
   __device__ __forceinline__ bool next(const AttentionParams& p, const BlockSparseSchedule& bs, const Seq& s, int b,
                                        int j0, int ncols) {
     if constexpr (Sparse) {
-      while (!walk.next()) {
+      while (!walk.next(bs)) {
         if (++h >= h_end) return false;
         walk.init(bs, b, h, kbk, s.sq);
       }
       i0 = walk.i0();
       masked = walk.mode == kPartial;
+      bid = walk.bid;
       return true;
     } else {
       for (;;) {
@@ -215,12 +227,17 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   constexpr int DS = W / QT;        // warps sharing a query strip
   constexpr int DQW = Dp / DS;      // dQ columns per warp, in chunks of 16
   constexpr int STAGES = bwd_stages<Dp>();
+  constexpr int BW = N / 32;        // bit-mask words of a query row over the CTA's keys
+  constexpr int SW = bwd_stat_words<Dp>(Sparse);  // row statistics per row and stage
   static_assert(W % KT == 0 && M % QS == 0 && QNT % 2 == 0 && Dp % QS == 0 && DNT % 2 == 0, "bwd tiles");
   static_assert(W % QT == 0 && Dp % DS == 0 && DQW % 16 == 0 && M % 16 == 0 && N % 16 == 0, "bwd dq tiles");
   static_assert(THREADS >= 2 * M, "bwd row statistics: one thread per lse / delta");
+  static_assert(!Sparse || THREADS >= BW * M, "bwd bit masks: one thread per word");
 
-  // Stage st: Q at sQ + st * M * LD, dO at sdO + st * M * LD, lse at sStat + st * 2M and
-  // delta right after it (sStat + st * 2M + M).
+  // Stage st: Q at sQ + st * M * LD, dO at sdO + st * M * LD, lse at sStat + st * SW * M and
+  // delta right after it (sStat + st * SW * M + M); sparse, word w of the bit mask of query
+  // row r at sStat + st * SW * M + (2 + w) * M + r (beside that row's lse and delta: a
+  // thread's reads share their address arithmetic, and rows r, r + 1 are one 64-bit load).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + N * LD;
@@ -281,6 +298,10 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   // whole tile before its shared-memory store: threads [0, M) read lse of row threadIdx.x,
   // threads [M, 2M) delta of row threadIdx.x - M (rows past seqlen_q: lse -inf, delta 0);
   // store_stat writes lse * log2(e), or +inf for lse = -inf (the row sees no key), and delta.
+  // Sparse with bit masks, copy_bits has the words of a partial tile (pool index bid) copied
+  // by cp.async with its Q and dO (threads [0, BW * M): word w = u / M of row r = u % M, from
+  // the CTA's first key j0 on; the CTA's 64 keys lie in one key block, the M rows in one
+  // query block): nothing is held in registers across a tile.
   auto load_stat = [&](int h, int i0) {
     const int r = threadIdx.x % M, rows = min(M, s.sq - i0);
     float x = threadIdx.x < M ? -INFINITY : 0.f;
@@ -293,9 +314,16 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   };
   auto store_stat = [&](float x, int st) {
     if (threadIdx.x < M)
-      sStat[st * 2 * M + threadIdx.x] = x == -INFINITY ? INFINITY : x * kLog2e;
+      sStat[st * SW * M + threadIdx.x] = x == -INFINITY ? INFINITY : x * kLog2e;
     else if (threadIdx.x < 2 * M)
-      sStat[st * 2 * M + threadIdx.x] = x;
+      sStat[st * SW * M + threadIdx.x] = x;
+  };
+  auto copy_bits = [&](int bid, int i0, bool masked, int st) {
+    if constexpr (Sparse) {
+      if (masked && args.sparse.bits && threadIdx.x < BW * M)  // uniform but for the thread bound
+        cp_async4(sStat + st * SW * M + 2 * M + threadIdx.x,
+                  bit_row(args.sparse, bid, i0 + threadIdx.x % M, j0) + threadIdx.x / M);
+    }
   };
 
   BwdQueryTiles<M, N, Sparse> tiles;
@@ -304,13 +332,14 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
   if constexpr (STAGES == 2) {  // the first tile into stage 0
     if (more) {
       load_qdo(tiles.h, tiles.i0, 0);
+      copy_bits(tiles.bid, tiles.i0, tiles.masked, 0);
       store_stat(load_stat(tiles.h, tiles.i0), 0);
     }
     cp_async_commit();
   }
   int st = 0;  // stage of the current tile
   while (more) {
-    const int h = tiles.h, i0 = tiles.i0;
+    const int h = tiles.h, i0 = tiles.i0, bid = tiles.bid;
     const bool masked = tiles.masked;
     const int rows = min(M, s.sq - i0);
     float stat_next = 0.f;
@@ -321,12 +350,14 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
       more = tiles.next(p, args.sparse, s, b, j0, ncols);
       if (more) {
         load_qdo(tiles.h, tiles.i0, st ^ 1);
+        copy_bits(tiles.bid, tiles.i0, tiles.masked, st ^ 1);
         stat_next = load_stat(tiles.h, tiles.i0);  // stored to stage st ^ 1 at the end of this tile
       }
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       load_qdo(h, i0, 0);
+      copy_bits(bid, i0, masked, 0);
       cp_async_commit();
       store_stat(load_stat(h, i0), 0);
       cp_async_wait<0>();
@@ -334,8 +365,12 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
     __syncthreads();
     const T* cQ = sQ + st * M * LD;
     const T* cdO = sdO + st * M * LD;
-    const float* sLse = sStat + st * 2 * M;
+    const float* sLse = sStat + st * SW * M;
     const float* sDelta = sLse + M;
+    // Sparse, partial tile with bit masks (uniform over the CTA): strip kt's 16 keys are bits
+    // [bsh, bsh + 16) of word kt / 2 of a row, key jl_lo bit bsh and jl_hi bit bsh + 8.
+    const bool bitmask = Sparse && masked && args.sparse.bits;
+    const int bsh = (kt % 2) * 16 + gq;
     ScoreMod mod;  // only the ALiBi slope depends on the head
     mod.init(p, s, b, h);
 
@@ -379,6 +414,12 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
         }
       }
       const float L0 = sLse[ql], L1 = sLse[ql + 1], d0 = sDelta[ql], d1 = sDelta[ql + 1];
+      uint32_t w0 = 0, w1 = 0;  // the bits of rows i, i + 1 over strip kt, from bit 0
+      if (bitmask) {
+        const uint2 w = *reinterpret_cast<const uint2*>(sLse + (2 + kt / 2) * M + ql);  // ql is even
+        w0 = w.x >> bsh;
+        w1 = w.y >> bsh;
+      }
       float pv[4], dsv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -389,6 +430,7 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
         if constexpr (Sparse) {
           sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, false, 0, 0, tt);
           if (masked && !(c1 ? rm1 : rm0).visible(j)) sc = -INFINITY;
+          if (bitmask && !(((c1 ? w1 : w0) >> (e < 2 ? 0 : 8)) & 1u)) sc = -INFINITY;
         } else {
           sc = mod.apply(sacc[n][e], c1 ? i + 1 : i, j, masked, c1 ? lo1 : lo0, c1 ? hi1 : hi0, tt);
         }
@@ -525,14 +567,22 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
 
+  // The key tiles in visiting order, as the forward, with their K / V and bit-mask words
+  // loaded as there.
+  KeyTiles<N, Sparse> tiles;
+  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
   auto load_kv = [&](int j0, int stage) {
     const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
     load_tile<T, N, Dp, THREADS>(sV + stage * N * LD, v + j0 * p.v_stride[1], p.v_stride[1], n, Dv, args.vec_v);
+    if constexpr (Sparse) {
+      if (args.sparse.bits) {  // uniform
+        constexpr int W = N / 32;
+        if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0))
+          cp_async4(pad_bits<T, Dp>(sQ + threadIdx.x / W * LD) + 2 * stage + threadIdx.x % W, src);
+      }
+    }
   };
-  // The key tiles in visiting order, as the forward.
-  KeyTiles<N, Sparse> tiles;
-  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
   load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
   load_tile<T, M, Dp, THREADS>(sdO, dO, g.dout_stride[1], rows, Dv, args.vec_do);
   if (tiles.more) load_kv(tiles.next_j0, 0);
@@ -581,6 +631,7 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
     const T* cK = sK + stage * N * LD;
     const T* cV = sV + stage * N * LD;
     if (!Sparse || mode != kSkip) {  // warp-uniform: a skipped tile adds nothing to dQ
+      const bool bitmask = Sparse && masked && args.sparse.bits;  // partial with bit masks: warp-uniform
 
       // S = Q K^T and dP = dO V^T (both B operands: rows = keys, non-trans).
       float sacc[NT][4], pacc[NT][4];
@@ -626,6 +677,20 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
           float dsc = pr * (pacc[n][e] - (hi ? d_hi : d_lo));
           if (mod.softcap) dsc *= 1.f - tt * tt;
           sacc[n][e] = dsc;
+        }
+      }
+      // Bit masks: an element whose bit is clear has P = 0, so dS = 0. A pass of its own
+      // (exact: a select, whatever dS was computed from the unmasked score) rather than in
+      // the loop above, whose registers are full at Dp >= 192.
+      if constexpr (Sparse) {
+        if (bitmask) {
+          const uint32_t tb =
+              lane_bits<N>(pad_bits<T, Dp>(sQ + rl * LD) + 2 * stage, pad_bits<T, Dp>(sQ + rh * LD) + 2 * stage, t);
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              if (!lane_bit(tb, e >= 2, n, e & 1)) sacc[n][e] = 0.f;
         }
       }
       // dQ += dS K: A = dS from the accumulators, B = K rows (k = keys) via ldmatrix.trans.
@@ -679,7 +744,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   }
   if (p.seqlen_k > 0) {
     using Tr = BwdTraits<Dp>;
-    constexpr int smem = bwd_smem_bytes<Dp>();
+    const int smem = p.sparse ? bwd_smem_bytes<Dp, true>() : bwd_smem_bytes<Dp, false>();
     auto kernel = p.sparse ? flash_bwd_kernel<T, Dp, true> : flash_bwd_kernel<T, Dp, false>;
     if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
       return err;

@@ -133,6 +133,11 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
+// 4-byte asynchronous copy (cp-size 4 needs .ca and 4-byte aligned addresses): the bit-mask
+// words of block-sparse tiles, which ride the K / V groups (pad_bits).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -358,6 +363,13 @@ struct ListCursor {
     const int x = pos < num ? idx[pos] : kNoBlock;
     head = pos < num ? (x < 0 ? 0 : (x >= n ? n - 1 : x)) : kNoBlock;
   }
+  // The raw pool index (bit_row clamps it) of the entry popped last, slot pos - 1 (in
+  // [0, num)), from `ids`, the pool indices aligned slot for slot with the list array `base`
+  // this row lies in (kv_bits with kv_idx, q_bits with q_idx). Read from there rather than
+  // carried in the cursor: the sparse forward at Dp = 64 has no register to spare.
+  __device__ __forceinline__ int popped_id(const int32_t* base, const int32_t* ids) const {
+    return ids[(idx - base) + pos - 1];
+  }
   __device__ __forceinline__ void pop_if(int blk) {
     if (head == blk) {
       ++pos;
@@ -366,11 +378,64 @@ struct ListCursor {
   }
 };
 
+// Bit masks of partial blocks (BlockSparseSchedule::bits): the words of query row i of pool
+// tile `id`, from the word holding column j0 mod block_k on (block sizes are 64 or 128,
+// powers of two, as the launchers check). Pool indices come from device lists the host
+// cannot validate, so this, the one place the pool is addressed, clamps `id` to
+// [0, num_bits) (num_bits >= 1 whenever bits is set): invalid contents can give wrong
+// numbers but never an out-of-bounds read, as ListCursor for block indices.
+__device__ __forceinline__ const uint32_t* bit_row(const BlockSparseSchedule& bs, int id, int i, int j0) {
+  const int c = id < 0 ? 0 : (id >= bs.num_bits ? int(bs.num_bits - 1) : id);
+  const int bq = int(bs.block_q), words = int(bs.bits_words);
+  return reinterpret_cast<const uint32_t*>(bs.bits) + int64_t(c) * (bq * words) +
+         ((i & (bq - 1)) * words + ((j0 & int(bs.block_k - 1)) >> 5));
+}
+
+// Forward-shaped kernels (forward, deterministic dQ) stage a key tile's bit-mask words in
+// the kPad padding columns of their Q tile in shared memory, which ldmatrix and load_tile
+// never touch (so no more shared memory is needed): words [2s, 2s + W) of the padding of Q
+// row r hold the W = N / 32 words of query row r over the tile of K / V stage s (N = 32 or
+// 64 keys inside one key block, starting on a word), copied by cp.async with that stage's
+// K / V (KeyTiles::next_bits_src). Each thread reads its rows' words from there into one
+// register (lane_bits) only once the tile's scores are computed. The staging is what fits:
+// the sparse forward at Dp = 64 has at most one register to spare under its 128-register
+// bound, so neither words held across the MMAs nor a load in flight across a tile do.
+template <typename T, int Dp>
+__device__ __forceinline__ uint32_t* pad_bits(T* q_row) {
+  static_assert(kPad * sizeof(T) >= 2 * sizeof(uint32_t), "two bit-mask words per row padding");
+  return reinterpret_cast<uint32_t*>(q_row + Dp);
+}
+template <typename T, int Dp>
+__device__ __forceinline__ const uint32_t* pad_bits(const T* q_row) {
+  return pad_bits<T, Dp>(const_cast<T*>(q_row));
+}
+
+// Lane t's bits over an N-key tile of a forward-shaped kernel, for its two query rows
+// (x = 0, 1: C-fragment rows g and g + 8) from their staged words, in one register: its
+// C-fragment column n * 8 + 2t + e (n < N / 8, e < 2) of row x is bit
+// (n % 4) * 8 + (n / 4) * 2 + 4x + e. (Column c of the tile is bit c % 32 of word c / 32;
+// 2t + e < 8 keeps n * 8 + 2t + e in word n / 4, at bit (n % 4) * 8 + 2t + e, which the
+// shift by 2t moves to bit e of its byte.)
+template <int N>
+__device__ __forceinline__ uint32_t lane_bits(const uint32_t* row0, const uint32_t* row1, int t) {
+  static_assert(N == 32 || N == 64, "bit-mask tile: one or two words per row");
+  constexpr uint32_t kPairs = 0x03030303u;  // bits 0, 1 of each byte
+  uint32_t b = 0;
+#pragma unroll
+  for (int k = 0; k < N / 32; ++k)
+    b |= ((row0[k] >> (2 * t)) & kPairs) << (2 * k) | ((row1[k] >> (2 * t)) & kPairs) << (2 * k + 4);
+  return b;
+}
+__device__ __forceinline__ bool lane_bit(uint32_t b, int x, int n, int e) {
+  return (b >> ((n % 4) * 8 + (n / 4) * 2 + 4 * x + e)) & 1u;
+}
+
 // Key tiles of N keys visited by the rows [i0, i0 + rows_cta) of a forward-shaped CTA: the
 // sorted union of the key blocks listed (partial or full) for the one or two query blocks
 // those rows cover, merged on the fly, each key block cut into block_k / N tiles (those
 // starting before sk). After next() returns true, j0() is the tile and mode[q] its state
-// for the q-th query block of the CTA.
+// for the q-th query block of the CTA (where kPartial, its key block is the entry part[q]
+// popped last).
 template <int N>
 struct SparseKeyWalk {
   ListCursor part[2], full[2];
@@ -463,15 +528,30 @@ struct KeyTiles {
     }
     return j0;
   }
+  // Sparse with bit masks: the pool word that thread u stages for the next tile (pad_bits):
+  // word u % W of CTA row u / W (W = N / 32), or null where there is none (u >= M * W) or
+  // that row's query block does not have the tile partial.
+  template <int M>
+  __device__ __forceinline__ const uint32_t* next_bits_src(const BlockSparseSchedule& bs, int i0) const {
+    constexpr int W = N / 32;
+    const int u = threadIdx.x, r = u / W;
+    if (u >= M * W) return nullptr;
+    const bool q1 = (i0 & int(bs.block_q - 1)) + r >= bs.block_q;  // the CTA's second query block
+    if ((q1 ? walk.mode[1] : walk.mode[0]) != kPartial) return nullptr;
+    // (two calls, not a runtime-selected cursor, which would put the walk in local memory)
+    const int id = q1 ? walk.part[1].popped_id(bs.kv_idx, bs.kv_bits) : walk.part[0].popped_id(bs.kv_idx, bs.kv_bits);
+    return bit_row(bs, id, i0 + r, next_j0) + u % W;
+  }
 };
 
 // Query tiles of M rows visited by the backward CTA of the key block kbk: the sorted union
 // of the query blocks listed for it (query-side lists), each cut into block_q / M tiles
-// (those starting before sq); mode is the state of the current tile.
+// (those starting before sq); mode is the state of the current tile and, when kPartial
+// with bits set, bid the (unclamped) pool index of its bit mask (read once per block).
 template <int M>
 struct SparseQueryWalk {
   ListCursor part, full;
-  int block_q, sq, tiles, qb, sub, mode;
+  int block_q, sq, tiles, qb, sub, mode, bid;
 
   __device__ __forceinline__ void init(const BlockSparseSchedule& bs, int b, int h, int kbk, int sq_) {
     block_q = int(bs.block_q);
@@ -480,12 +560,13 @@ struct SparseQueryWalk {
     qb = -1;
     sub = 0;
     mode = kSkip;
+    bid = 0;
     const int64_t no = b * bs.q_num_stride[0] + h * bs.q_num_stride[1] + int64_t(kbk) * bs.q_num_stride[2];
     const int64_t io = b * bs.q_idx_stride[0] + h * bs.q_idx_stride[1] + int64_t(kbk) * bs.q_idx_stride[2];
     part.init(bs.q_num + no, bs.q_idx + io, int(bs.num_q_blocks));
     full.init(bs.full_q_num + no, bs.full_q_idx + io, int(bs.num_q_blocks));
   }
-  __device__ __forceinline__ bool next() {
+  __device__ __forceinline__ bool next(const BlockSparseSchedule& bs) {
     if (qb >= 0 && ++sub < tiles && qb * block_q + sub * M < sq) return true;
     const int m = min(part.head, full.head);
     if (m == kNoBlock) return false;
@@ -494,6 +575,7 @@ struct SparseQueryWalk {
     mode = part.head == m ? kPartial : kFull;
     part.pop_if(m);
     full.pop_if(m);
+    bid = mode == kPartial && bs.bits ? part.popped_id(bs.q_idx, bs.q_bits) : 0;
     return true;
   }
   __device__ __forceinline__ int i0() const { return qb * block_q + sub * M; }
@@ -501,7 +583,9 @@ struct SparseQueryWalk {
 
 // The element mask of partial blocks for one query row i, as key bounds: key j < sk is
 // visible iff j < causal_end and (wlo <= j < whi or j < sink), which is
-// BlockSparseSchedule::visible(i, j, sq, sk); keys >= sk are never visible.
+// BlockSparseSchedule::visible(i, j, sq, sk); keys >= sk are never visible. With bit masks
+// the kernels also test the element's bit (lane_bits; the backward's are staged with its
+// row statistics).
 struct SparseRowMask {
   int causal_end, wlo, whi, sink;
 

@@ -6,10 +6,10 @@
 //   * mma.m16n8k16: A, B, C fragments placed per 9.7.14.5.8, D = A B + C in float.
 //   * ldmatrix .x4 (.trans): matrix m's row r address comes from lane 8m + r; without
 //     .trans lane l gets (row l/4, cols 2(l%4), +1), with .trans (rows 2(l%4), +1, col l/4).
-//   * cp.async: the copy lands when cp.async.wait_group retires its group (the latest
-//     moment the PTX ISA allows), so a read before the wait sees stale data; with
-//     FLASH_EMU_EAGER=1 it lands at issue time (the earliest), so overwriting a tile that
-//     other warps still read shows up too.
+//   * cp.async (16 and 4 bytes): the copy lands when cp.async.wait_group retires its group
+//     (the latest moment the PTX ISA allows), so a read before the wait sees stale data;
+//     with FLASH_EMU_EAGER=1 it lands at issue time (the earliest), so overwriting a tile
+//     that other warps still read shows up too.
 // Only included with LONGATTN_FLASH_EMULATE; never part of the library build.
 #pragma once
 
@@ -53,10 +53,24 @@ inline std::array<uint64_t, 8>& slot(int l) { return g_cta->xch[(tid.x / 32) * 3
 struct Copy {
   void* dst;
   const void* src;
-  int bytes;
+  int bytes, size;  // bytes read of the size written (cp.async zero fills the rest)
 };
 inline thread_local std::deque<std::vector<Copy>> groups;  // committed, oldest first
 inline thread_local std::vector<Copy> pending;              // not yet committed
+
+inline void land(const Copy& c) {
+  std::memset(c.dst, 0, size_t(c.size));
+  if (c.bytes) std::memcpy(c.dst, c.src, size_t(c.bytes));
+}
+// A cp.async lands when its group is waited for or, with FLASH_EMU_EAGER=1, at issue time
+// (the earliest moment): the latter exposes overwrites of live tiles.
+inline void issue(const Copy& c) {
+  static const bool eager = std::getenv("FLASH_EMU_EAGER") != nullptr;
+  if (eager)
+    land(c);
+  else
+    pending.push_back(c);
+}
 
 // Runs kernel(lambda) for every CTA of grid with `threads` threads.
 inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
@@ -109,13 +123,15 @@ inline void cp_async16(void* dst, const void* src, int src_bytes) {
     std::fprintf(stderr, "emulate: misaligned cp.async %p <- %p\n", dst, src);
     std::abort();
   }
-  static const bool eager = std::getenv("FLASH_EMU_EAGER") != nullptr;
-  if (eager) {  // land at issue time instead (the earliest moment): exposes overwrites of live tiles
-    std::memset(dst, 0, 16);
-    if (src_bytes) std::memcpy(dst, src, size_t(src_bytes));
-    return;
+  emu::issue({dst, src, src_bytes, 16});
+}
+inline void cp_async4(void* dst, const void* src) {
+  // cp-size 4 (.ca): 4-byte aligned shared and global addresses.
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 3u) {
+    std::fprintf(stderr, "emulate: misaligned cp.async %p <- %p\n", dst, src);
+    std::abort();
   }
-  emu::pending.push_back({dst, src, src_bytes});
+  emu::issue({dst, src, 4, 4});
 }
 inline void cp_async_commit() {
   emu::groups.push_back(std::move(emu::pending));
@@ -124,10 +140,7 @@ inline void cp_async_commit() {
 template <int N>
 inline void cp_async_wait() {
   while (int(emu::groups.size()) > N) {
-    for (const auto& c : emu::groups.front()) {
-      std::memset(c.dst, 0, 16);
-      if (c.bytes) std::memcpy(c.dst, c.src, size_t(c.bytes));
-    }
+    for (const auto& c : emu::groups.front()) emu::land(c);
     emu::groups.pop_front();
   }
 }

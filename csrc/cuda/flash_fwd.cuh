@@ -17,9 +17,11 @@
 // Sparse = true walks a BlockSparseSchedule instead (SparseKeyWalk, flash_common.cuh): the
 // key tiles of the blocks listed for the CTA's query block(s), each warp applying its own
 // block's state: not listed (the warp skips the tile: its scores are all -inf), full (no
-// mask) or partial (the BlockMask's element mask). Both variants are instantiated by each
-// launcher. The sparse variant has not yet run on a GPU; it is checked on the host through
-// tests/cuda_emulation.
+// mask) or partial (the BlockMask's element mask and, with token-granular bit masks,
+// BlockSparseSchedule::bits, the element's bit: the tile's words are copied with its K / V
+// into Q's row padding, pad_bits in flash_common.cuh). Both variants are instantiated by
+// each launcher. The sparse variant has not yet run on a GPU; it is checked on the host
+// through tests/cuda_emulation.
 #pragma once
 
 #include "flash_common.cuh"
@@ -71,14 +73,22 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
 
+  KeyTiles<N, Sparse> tiles;
+  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
+  // K / V of the next tile (tiles.next_j0, so the walk is at that tile) into `stage`, and
+  // with bit masks its words into that stage's words of Q's row padding (pad_bits).
   auto load_kv = [&](int j0, int stage) {
     const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
     load_tile<T, N, Dp, THREADS>(sV + stage * N * LD, v + j0 * p.v_stride[1], p.v_stride[1], n, Dv, args.vec_v);
+    if constexpr (Sparse) {
+      if (args.sparse.bits) {  // uniform
+        constexpr int W = N / 32;
+        if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0))
+          cp_async4(pad_bits<T, Dp>(sQ + threadIdx.x / W * LD) + 2 * stage + threadIdx.x % W, src);
+      }
+    }
   };
-
-  KeyTiles<N, Sparse> tiles;
-  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
 
   load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
   if (tiles.more) load_kv(tiles.next_j0, 0);
@@ -119,6 +129,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     const T* cK = sK + stage * N * LD;
     const T* cV = sV + stage * N * LD;
     if (!Sparse || mode != kSkip) {  // warp-uniform: a skipped tile leaves m, l and O unchanged
+      const bool bitmask = Sparse && masked && args.sparse.bits;  // partial with bit masks: warp-uniform
       // S = Q K^T for this warp's SP strips x N keys; each K fragment feeds SP MMAs.
       float acc[SP][NT][4];
 #pragma unroll
@@ -141,6 +152,16 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
             mma16816<T>(acc[st][n + 1], a[st], bf[2], bf[3]);
           }
         }
+      }
+
+      // Bit masks: this lane's bits of its rows (sparse: one strip, R = 2), read only now
+      // that S is done (registers: see pad_bits).
+      uint32_t tb = 0;
+      if constexpr (Sparse) {
+        static_assert(R == 2, "bit masks: two rows per thread");
+        if (bitmask)
+          tb = lane_bits<N>(pad_bits<T, Dp>(sQ + (r0 + g) * LD) + 2 * stage,
+                            pad_bits<T, Dp>(sQ + (r0 + g + 8) * LD) + 2 * stage, t);
       }
 
       // Scores, row maxima.
@@ -166,6 +187,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
             if constexpr (Sparse) {
               sc = mod.apply(sc, i, j, false, 0, 0, tt);
               if (masked && !rm.visible(j)) sc = -INFINITY;
+              if (bitmask && !lane_bit(tb, x, n, e & 1)) sc = -INFINITY;
             } else {
               sc = mod.apply(sc, i, j, masked, lo, hi, tt);
             }

@@ -7,6 +7,7 @@
 // Build and run:
 //   tests/cuda_emulation/run.sh [case-substring | no-sparse | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 #define LONGATTN_FLASH_EMULATE 1
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -20,7 +21,11 @@ using namespace longattn::cuda::flash;
 
 // A block-sparse schedule drawn at random: each (query block, key block) tile of the
 // (B|1, H|1) mask is skipped, full (only where the tile is not cut by Sq / Sk, as BlockMask
-// requires) or partial (element mask causal / window / sink), with the given odds.
+// requires) or partial (element mask causal / window / sink), with the given odds. With
+// `bits`, partial tiles also get token-granular bit masks (BlockSparseSchedule::bits): each
+// draws one of `pool` random pool tiles (deduplicated: several partial blocks share one),
+// or a tile of its own when pool is 0; a pool tile's bits are set with odds bit_p, except
+// that with odds p_extreme a tile is all clear or all set.
 struct SparseCfg {
   bool on = false;
   int bq = 64, bk = 64;
@@ -30,6 +35,12 @@ struct SparseCfg {
   double p_full = 0.3, p_partial = 0.4;
   int empty_q_block = -1;  // a query block with nothing listed (every mask row)
   unsigned seed = 7;
+  bool bits = false;
+  int pool = 0;
+  double bit_p = 0.5, p_extreme = 0.2;
+  int zero_row = -1;     // a row (inside the query block) clear in every pool tile: with no full
+                         // block listed for its query block, that row sees no key at all
+  bool bad_ids = false;  // some pool indices out of [0, num_bits): the kernels clamp them
 };
 
 struct Cfg {
@@ -53,6 +64,8 @@ struct Run {
   int mb = 1, mh = 1, nqb = 0, nkb = 0;
   std::vector<int8_t> state;
   std::vector<int32_t> kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx;
+  // bit masks: pool index per tile (as listed: possibly out of range), the pool, per-slot ids
+  std::vector<int32_t> tile_id, bit_pool, kv_bits, q_bits;
   BlockSparseSchedule bs;
 
   void build_sparse() {
@@ -75,25 +88,32 @@ struct Run {
             if (qb == sc.empty_q_block) st = 0;
             state[((size_t(b) * mh + h) * nqb + qb) * nkb + kb] = st;
           }
-    // key side (rows = query blocks) and query side (rows = key blocks), sorted, pads 0
-    auto lists = [&](bool q_side, int8_t want, std::vector<int32_t>& num, std::vector<int32_t>& idx) {
+    if (sc.bits) build_bits();
+    // key side (rows = query blocks) and query side (rows = key blocks), sorted, pads 0; the
+    // partial lists' pool indices (ids) are aligned slot for slot, pads garbage (never read)
+    auto lists = [&](bool q_side, int8_t want, std::vector<int32_t>& num, std::vector<int32_t>& idx,
+                     std::vector<int32_t>* ids) {
       const int rows = q_side ? nkb : nqb, cols = q_side ? nqb : nkb;
       num.assign(size_t(mb) * mh * rows, 0);
       idx.assign(size_t(mb) * mh * rows * cols, 0);
+      if (ids) ids->assign(idx.size(), 1 << 30);
       for (int bh = 0; bh < mb * mh; ++bh)
         for (int r = 0; r < rows; ++r) {
           int n = 0;
           for (int cc = 0; cc < cols; ++cc) {
             const int qb = q_side ? cc : r, kb = q_side ? r : cc;
-            if (state[(size_t(bh) * nqb + qb) * nkb + kb] == want) idx[(size_t(bh) * rows + r) * cols + n++] = cc;
+            const size_t t = (size_t(bh) * nqb + qb) * nkb + kb;
+            if (state[t] != want) continue;
+            if (ids) (*ids)[(size_t(bh) * rows + r) * cols + n] = tile_id[t];
+            idx[(size_t(bh) * rows + r) * cols + n++] = cc;
           }
           num[size_t(bh) * rows + r] = n;
         }
     };
-    lists(false, 2, kv_num, kv_idx);
-    lists(false, 1, full_num, full_idx);
-    lists(true, 2, q_num, q_idx);
-    lists(true, 1, full_q_num, full_q_idx);
+    lists(false, 2, kv_num, kv_idx, sc.bits ? &kv_bits : nullptr);
+    lists(false, 1, full_num, full_idx, nullptr);
+    lists(true, 2, q_num, q_idx, sc.bits ? &q_bits : nullptr);
+    lists(true, 1, full_q_num, full_q_idx, nullptr);
     bs.kv_num = kv_num.data();
     bs.kv_idx = kv_idx.data();
     bs.full_num = full_num.data();
@@ -122,16 +142,55 @@ struct Run {
     bs.window_left = sc.wl;
     bs.window_right = sc.wr;
     bs.sink_tokens = sc.sink;
+    if (sc.bits) {
+      bs.bits = bit_pool.data();
+      bs.num_bits = int64_t(bit_pool.size()) / (int64_t(sc.bq) * bs.bits_words);
+      bs.kv_bits = kv_bits.data();
+      bs.q_bits = q_bits.data();
+    }
     p.sparse = &bs;
   }
 
+  // The pool and each partial tile's pool index, from their own generator (so a seed's tile
+  // states are the same with and without bits).
+  void build_bits() {
+    const SparseCfg& sc = c.sparse;
+    std::mt19937 rng(sc.seed * 2654435761u + 1);
+    std::uniform_real_distribution<double> u(0, 1);
+    int parts = 0;
+    for (int8_t st : state) parts += st == 2;
+    const int npool = std::max(1, sc.pool > 0 ? sc.pool : parts);
+    bs.bits_words = (sc.bk + 31) / 32;
+    bit_pool.assign(size_t(npool) * sc.bq * bs.bits_words, 0);
+    for (int id = 0; id < npool; ++id) {
+      const double x = u(rng);
+      const double d = x < sc.p_extreme / 2 ? 0.0 : (x < sc.p_extreme ? 1.0 : sc.bit_p);
+      for (int r = 0; r < sc.bq; ++r)
+        for (int cc = 0; cc < sc.bk; ++cc)
+          if (r != sc.zero_row && u(rng) < d)
+            bit_pool[(size_t(id) * sc.bq + r) * bs.bits_words + cc / 32] |= int32_t(1u << (cc % 32));
+    }
+    tile_id.assign(state.size(), -1);
+    int next = 0;
+    for (size_t t = 0; t < state.size(); ++t) {
+      if (state[t] != 2) continue;
+      int id = sc.pool > 0 ? std::uniform_int_distribution<int>(0, npool - 1)(rng) : next++;
+      if (sc.bad_ids && u(rng) < 0.3) id = u(rng) < 0.5 ? -1 - int(u(rng) * 1000) : npool + int(u(rng) * 1000);
+      tile_id[t] = id;
+    }
+  }
+  // The pool tile a kernel must use for tile t: its listed index clamped to [0, num_bits).
+  int64_t pool_tile(size_t t) const { return std::clamp<int64_t>(tile_id[t], 0, bs.num_bits - 1); }
+
   // Element visibility of the reference: the dense causal / window rule, or the BlockMask's
-  // expanded element mask (full tiles: all; partial tiles: BlockSparseSchedule::visible).
+  // expanded element mask (full tiles: all; partial tiles: BlockSparseSchedule::visible and,
+  // with bit masks, the element's bit of the tile's pool tile).
   bool visible(int b, int h, int i, int j, int SQ, int SK) const {
     if (!c.sparse.on) return key_visible(i, j, SQ, SK, p.window_left, p.window_right);
-    const int8_t st = state[((size_t(mb > 1 ? b : 0) * mh + (mh > 1 ? h : 0)) * nqb + i / c.sparse.bq) * nkb +
-                            j / c.sparse.bk];
-    return st == 1 || (st == 2 && bs.visible(i, j, SQ, SK));
+    const size_t t = ((size_t(mb > 1 ? b : 0) * mh + (mh > 1 ? h : 0)) * nqb + i / c.sparse.bq) * nkb + j / c.sparse.bk;
+    const int8_t st = state[t];
+    if (st != 2) return st == 1;
+    return bs.visible(i, j, SQ, SK) && (!bs.bits || bs.bit(pool_tile(t), i % c.sparse.bq, j % c.sparse.bk));
   }
 
   int sq(int b) const { return c.varlen ? cuq[b + 1] - cuq[b] : c.Sq; }
@@ -391,8 +450,12 @@ bool run_case(const std::string& name, const Cfg& cfg) {
   const double otol = f16 ? 1.5e-3 : 1e-2, gtol = f16 ? 2e-3 : 1.6e-2;
   const bool ok = oerr <= otol * std::max(1.0, omax) && lse_err <= 1e-3 && dqerr <= gtol * std::max(1.0, dqmax) &&
                   dkerr <= gtol * std::max(1.0, dkmax) && dverr <= gtol * std::max(1.0, dvmax);
-  std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f\n", ok ? "ok" : "FAIL",
-              name.c_str(), oerr, omax, lse_err, dqerr, dqmax, dkerr, dkmax, dverr, dvmax);
+  // Bit-mask cases also count the rows that see no key at all (reference lse = -inf).
+  char extra[40] = "";
+  if (cfg.sparse.bits)
+    std::snprintf(extra, sizeof extra, " rows0 %d", int(std::count(rl.begin(), rl.end(), -INFINITY)));
+  std::printf("%-4s %-40s out %.2e/%.2f lse %.2e dq %.2e/%.2f dk %.2e/%.2f dv %.2e/%.2f%s\n", ok ? "ok" : "FAIL",
+              name.c_str(), oerr, omax, lse_err, dqerr, dqmax, dkerr, dkmax, dverr, dvmax, extra);
   return ok;
 }
 
@@ -449,10 +512,13 @@ int fuzz(int n, unsigned seed) {
   return fails ? 1 : 0;
 }
 
-// Random block-sparse configurations (block sizes, head dims, lengths, mask fields, GQA).
+// Random block-sparse configurations (block sizes, head dims, lengths, mask fields, GQA),
+// half of them with bit masks. The bit-mask fields come from a second generator so that a
+// seed draws the same other fields as before bit masks existed.
 int sparse_fuzz(int n, unsigned seed) {
-  std::mt19937 rng(seed);
+  std::mt19937 rng(seed), brng(seed ^ 0x5bd1e995u);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  auto bpick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(brng); };
   int fails = 0;
   for (int it = 0; it < n; ++it) {
     Cfg c;
@@ -480,13 +546,21 @@ int sparse_fuzz(int n, unsigned seed) {
     s.p_partial = pick(1, 5) * 0.1;
     s.empty_q_block = pick(0, 2) ? -1 : pick(0, (c.Sq - 1) / s.bq);
     s.seed = unsigned(pick(0, 1 << 20));
-    char name[240];
+    s.bits = bpick(0, 1);
+    s.pool = bpick(0, 1) ? 0 : bpick(1, 4);
+    s.bit_p = bpick(1, 9) * 0.1;
+    s.zero_row = bpick(0, 1) ? -1 : bpick(0, s.bq - 1);
+    s.bad_ids = bpick(0, 3) == 0;
+    char bits[64] = "";
+    if (s.bits)
+      std::snprintf(bits, sizeof bits, " bits pool%d p%.1f zr%d bad%d", s.pool, s.bit_p, s.zero_row, int(s.bad_ids));
+    char name[300];
     std::snprintf(name, sizeof name,
                   "sparse-fuzz%d B%d H%d/%d D%d S%d/%d blk%d,%d pb%d ph%d c%d w%d,%d sink%d full%.1f part%.1f "
-                  "empty%d sc%g dl%d det%d",
+                  "empty%d sc%g dl%d det%d%s",
                   it, c.B, c.H, c.Hkv, c.D, c.Sq, c.Sk, s.bq, s.bk, int(s.per_batch), int(s.per_head), int(s.causal),
                   s.wl, s.wr, s.sink, s.p_full, s.p_partial, s.empty_q_block, c.softcap, int(c.dlse),
-                  int(c.deterministic));
+                  int(c.deterministic), bits);
     fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
                         : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
   }
@@ -800,6 +874,136 @@ int main(int argc, char** argv) {
     c.sparse.seed = 11;
     run("sparse bf16 d128 b128/64 gqa per-head window sink dlse", [&] {
       return run_case<__nv_bfloat16, 128>("sparse bf16 d128 b128/64 gqa per-head window sink dlse", c);
+    });
+  }
+  // Block-sparse with bit masks: forward and dQ key tiles of 64 keys read two words of a row
+  // (word (j0 mod block_k) / 32 and the next), of 32 keys (Dp = 256) one; the backward's
+  // 64-key CTA stages two words per query row. Lengths are not multiples of the block sizes
+  // (bits past Sk are set and must stay invisible), zero_row with few or no full blocks
+  // gives rows that see no key at all, pool > 0 shares pool tiles between partial blocks.
+  {
+    Cfg c;
+    c.H = 4;
+    c.Hkv = 2;
+    c.Sq = 200;
+    c.Sk = 230;
+    c.sparse.on = true;
+    c.sparse.bq = 64;
+    c.sparse.bk = 128;
+    c.sparse.per_head = true;
+    c.sparse.causal = true;
+    c.sparse.p_full = 0.1;
+    c.sparse.p_partial = 0.7;
+    c.sparse.bits = true;
+    c.sparse.pool = 3;
+    c.sparse.zero_row = 5;
+    c.deterministic = true;  // the dQ kernel's 128-row CTAs span two query blocks, as the forward's
+    run("sparse bits f16 d64 b64/128 gqa causal pool3 det", [&] {
+      return run_case<__half, 64>("sparse bits f16 d64 b64/128 gqa causal pool3 det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.B = 2;
+    c.D = c.Dv = 128;
+    c.Sq = 260;
+    c.Sk = 190;
+    c.dlse = true;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 128;
+    c.sparse.bk = 64;
+    c.sparse.per_batch = true;
+    c.sparse.wl = 60;
+    c.sparse.sink = 7;
+    c.sparse.p_full = 0;
+    c.sparse.p_partial = 0.8;
+    c.sparse.bits = true;
+    c.sparse.zero_row = 100;
+    c.sparse.seed = 3;
+    run("sparse bits bf16 d128 b128/64 batch window sink dlse det", [&] {
+      return run_case<__nv_bfloat16, 128>("sparse bits bf16 d128 b128/64 batch window sink dlse det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 2;
+    c.Hkv = 1;
+    c.D = c.Dv = 256;
+    c.Sq = 150;
+    c.Sk = 100;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 64;
+    c.sparse.bk = 128;
+    c.sparse.per_head = true;
+    c.sparse.causal = true;
+    c.sparse.wr = 20;
+    c.sparse.p_partial = 0.6;
+    c.sparse.bits = true;
+    c.sparse.pool = 2;
+    c.sparse.bad_ids = true;
+    run("sparse bits f16 d256 b64/128 mqa causal pool2 bad-ids det", [&] {
+      return run_case<__half, 256>("sparse bits f16 d256 b64/128 mqa causal pool2 bad-ids det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 2;
+    c.Hkv = 2;
+    c.D = c.Dv = 192;
+    c.Sq = 140;
+    c.Sk = 300;
+    c.softcap = 4;
+    c.dlse = true;
+    c.sparse.on = true;
+    c.sparse.bq = c.sparse.bk = 128;
+    c.sparse.sink = 20;
+    c.sparse.wl = 90;
+    c.sparse.bits = true;
+    c.sparse.pool = 1;  // every partial block shares one tile
+    c.sparse.p_extreme = 0;
+    c.sparse.bit_p = 0.3;
+    run("sparse bits bf16 d192 b128/128 window sink pool1 softcap dlse", [&] {
+      return run_case<__nv_bfloat16, 192>("sparse bits bf16 d192 b128/128 window sink pool1 softcap dlse", c);
+    });
+  }
+  {
+    Cfg c;
+    c.H = 3;
+    c.Hkv = 1;
+    c.D = c.Dv = 32;
+    c.Sq = 129;
+    c.Sk = 100;
+    c.deterministic = true;
+    c.sparse.on = true;
+    c.sparse.bq = 128;
+    c.sparse.bk = 64;
+    c.sparse.per_head = true;
+    c.sparse.wl = 30;
+    c.sparse.wr = 30;
+    c.sparse.p_full = 0.2;
+    c.sparse.p_partial = 0.8;
+    c.sparse.bits = true;
+    c.sparse.bit_p = 0.9;
+    c.sparse.bad_ids = true;
+    c.sparse.seed = 5;
+    run("sparse bits f16 d32 b128/64 mqa window bad-ids det", [&] {
+      return run_case<__half, 32>("sparse bits f16 d32 b128/64 mqa window bad-ids det", c);
+    });
+  }
+  {
+    Cfg c;
+    c.Sq = 100;
+    c.Sk = 90;
+    c.sparse.on = true;
+    c.sparse.p_full = 0;
+    c.sparse.p_partial = 1;
+    c.sparse.bits = true;
+    c.sparse.bit_p = 0;
+    c.sparse.p_extreme = 0;  // every bit clear: no row sees a key (out 0, lse -inf, gradients 0)
+    run("sparse bits f16 d64 all bits clear", [&] {
+      return run_case<__half, 64>("sparse bits f16 d64 all bits clear", c);
     });
   }
   std::printf("%d failure(s)\n", fails);
