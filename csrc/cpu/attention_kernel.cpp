@@ -119,10 +119,10 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
       if (tiles.empty() || tiles.back() != t) {
         tiles.push_back(t);
         v.states.resize(tiles.size() * kBlockK, 0);
-        v.tiles.resize(tiles.size() * kBlockK, -1);
+        if (bit_ids) v.tiles.resize(tiles.size() * kBlockK, -1);
       }
       v.states[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = state;
-      v.tiles[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = tile;
+      if (bit_ids) v.tiles[(tiles.size() - 1) * kBlockK + (j - t * kBlockK)] = tile;
     }
   }
   for (size_t i = 0; i < tiles.size(); ++i) {
