@@ -278,6 +278,20 @@ def _dtype_name(x: Any) -> str:
     return x.dtype.name if isinstance(x, np.ndarray) else str(x.dtype).replace("torch.", "")
 
 
+def _bool_4d(x: Any, name: str, tail: str, block_size, op: str):
+    """(framework, device, host boolean (B|1, H|1, m, n), block size) of a boolean NumPy /
+    torch array of 2 to 4 dims (leading dims of 1 added), with the block size checked for
+    its device."""
+    fw, device = _place_of(x, name, op)
+    if _dtype_name(x) != "bool":
+        raise TypeError(f"{op}: {name} must be a boolean array, got {_dtype_name(x)}")
+    host = _to_host(x)
+    if not 2 <= host.ndim <= 4:
+        raise ValueError(f"{op}: {name} must have shape (B|1, H|1, {tail}), got {host.shape}")
+    host = host.reshape((1,) * (4 - host.ndim) + host.shape)
+    return fw, device, host, check_block_size(block_size, device.split(":")[0], op)
+
+
 def _lists_from_layout(layout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Boolean (..., n, m) -> counts int32 (..., n), indices int32 (..., n, m): the True
     columns of each row in increasing order, then 0."""
@@ -505,14 +519,7 @@ class BlockMask:
         `to_dense()` returns `layout`.
         """
         op = "BlockMask.from_dense"
-        fw, device = _place_of(layout, "layout", op)
-        if _dtype_name(layout) != "bool":
-            raise TypeError(f"{op}: layout must be a boolean array, got {_dtype_name(layout)}")
-        host = _to_host(layout)
-        if not 2 <= host.ndim <= 4:
-            raise ValueError(f"{op}: layout must have shape (B|1, H|1, num_q_blocks, num_kv_blocks), got {host.shape}")
-        host = host.reshape((1,) * (4 - host.ndim) + host.shape)
-        bs = check_block_size(block_size, device.split(":")[0], op)
+        fw, device, host, bs = _bool_4d(layout, "layout", "num_q_blocks, num_kv_blocks", block_size, op)
         q_len, kv_len = _check_len(q_len, "q_len", op), _check_len(kv_len, "kv_len", op)
         want = (_num_blocks(q_len, bs[0]), _num_blocks(kv_len, bs[1]))
         if host.shape[2:] != want:
@@ -786,14 +793,7 @@ def _from_mask_mod(mask_mod, q_len: int, kv_len: int, *, batch: int = 1, heads: 
 def _from_dense_elements(elements, block_size) -> BlockMask:
     """BlockMask.from_dense_elements (documented there)."""
     op = "BlockMask.from_dense_elements"
-    fw, device = _place_of(elements, "elements", op)
-    if _dtype_name(elements) != "bool":
-        raise TypeError(f"{op}: elements must be a boolean array, got {_dtype_name(elements)}")
-    host = _to_host(elements)
-    if not 2 <= host.ndim <= 4:
-        raise ValueError(f"{op}: elements must have shape (B|1, H|1, q_len, kv_len), got {host.shape}")
-    host = host.reshape((1,) * (4 - host.ndim) + host.shape)
-    bs = check_block_size(block_size, device.split(":")[0], op)
+    fw, device, host, bs = _bool_4d(elements, "elements", "q_len, kv_len", block_size, op)
     q_len, kv_len = host.shape[2:]
     bq, bk = bs
     nq, nk = _num_blocks(q_len, bq), _num_blocks(kv_len, bk)
