@@ -2,7 +2,14 @@
 thread, mma / ldmatrix / cp.async / shuffles emulated per the PTX ISA) and compares them
 with float64 references. It checks the kernels' indexing, masking and pipelines without a
 GPU; it is not a substitute for the GPU tests (timing, memory model, the real compiler).
-Needs g++ and the CUDA headers; skipped without them."""
+Needs g++ and the CUDA headers; skipped without them.
+
+The sanitizer suites build the same emulation under ThreadSanitizer (shared-memory hazards
+between emulated threads: a missing barrier, a tile refilled while other warps read it,
+what compute-sanitizer racecheck looks for; a subset of cases, as TSan is slow) and under
+AddressSanitizer + UBSan (out-of-bounds global or shared-memory accesses, memcheck's class;
+every case). Every emulated CTA starts with its shared memory filled with 0xff (NaNs), so
+a read of shared memory the kernel never wrote shows in the results (initcheck's class)."""
 import os
 import re
 import pathlib
@@ -20,6 +27,19 @@ SUITES = {
     "flash-strips1": (["no-sparse"], {"EMU_CXXFLAGS": "-DLONGATTN_FWD_STRIPS=1"}),
     "linear": (["linear"], {}),
     "rope": (["rope"], {}),
+    # Sanitizer builds. The TSan subsets cover each kernel and pipeline: the forward over
+    # three key tiles, the atomic-dQ and the deterministic-dQ backward, the Dp 96 / 256
+    # buckets, varlen, block-sparse with bit tiles; linear: both chunk walks with cp.async
+    # and several chunks, the normalizer's dK walk, the step kernel, varlen.
+    "flash-tsan": (["bf16 d64 window long|f16 d64 window softcap alibi dlse|bf16 d80/72 gqa causal det|"
+                    "f16 d256 window det|bf16 d32 varlen window alibi det|"
+                    "sparse bits bf16 d128 b128/64 batch window sink dlse det"], {"EMU_SAN": "thread"}),
+    "linear-tsan": (["linear", "pipeline T=300 normalize relu per-head decay|pipeline non-causal T=200 normalize V=64|"
+                     "step K=130|pipeline varlen"], {"EMU_SAN": "thread"}),
+    "rope-tsan": (["rope"], {"EMU_SAN": "thread"}),
+    "flash-asan": ([], {"EMU_SAN": "address"}),
+    "linear-asan": (["linear"], {"EMU_SAN": "address"}),
+    "rope-asan": (["rope"], {"EMU_SAN": "address"}),
 }
 
 

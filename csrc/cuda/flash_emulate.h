@@ -10,9 +10,20 @@
 //     (the latest moment the PTX ISA allows), so a read before the wait sees stale data;
 //     with FLASH_EMU_EAGER=1 it lands at issue time (the earliest), so overwriting a tile
 //     that other warps still read shows up too.
+//   * shared memory: every CTA starts with all bytes 0xff (a NaN in float16 / bfloat16 /
+//     float32), as a GPU leaves it holding garbage, so a value read before it is written
+//     shows up in the results (compute-sanitizer's initcheck finds the same class).
+// Built with -fsanitize=thread (tests/cuda_emulation/run.sh with EMU_SAN=thread) every
+// access to shared memory, and to global memory within a CTA, that two threads make
+// without a barrier or warp primitive ordering them is reported (racecheck's class of
+// hazard: a missing __syncthreads, a tile overwritten while other warps read it). Built
+// with -fsanitize=address (EMU_SAN=address), shared memory past the launch's dynamic size
+// is poisoned and every out-of-bounds read or write of it or of the test's global buffers is
+// reported (memcheck's class).
 // Only included with LONGATTN_FLASH_EMULATE; never part of the library build.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -22,8 +33,18 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define LONGATTN_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define LONGATTN_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define LONGATTN_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define LONGATTN_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 namespace longattn {
 namespace cuda {
@@ -72,11 +93,40 @@ inline void issue(const Copy& c) {
     pending.push_back(c);
 }
 
-// Runs kernel(lambda) for every CTA of grid with `threads` threads.
-inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
+// Whether a test case runs: filter is empty or holds substrings of case names separated by
+// '|', one of which the name contains.
+inline bool selected(const std::string& name, const std::string& filter) {
+  if (filter.empty()) return true;
+  for (size_t at = 0; at <= filter.size();) {
+    const size_t bar = std::min(filter.find('|', at), filter.size());
+    if (bar > at && name.find(filter.substr(at, bar - at)) != std::string::npos) return true;
+    at = bar + 1;
+  }
+  return false;
+}
+
+// The dynamic shared memory of the CTA that runs (flash::smem_raw, defined below).
+inline unsigned char* smem_base();
+inline size_t smem_capacity();
+
+// Runs kernel(lambda) for every CTA of grid with `threads` threads and smem_bytes of dynamic
+// shared memory (-1: all of smem_raw); each CTA starts with shared memory filled with 0xff.
+inline void launch(Dim3 grid, int threads, const std::function<void()>& body, long smem_bytes = -1) {
+  const size_t cap = smem_capacity();
+  const size_t used = smem_bytes < 0 ? cap : size_t(smem_bytes);
+  if (used > cap) {
+    std::fprintf(stderr, "emulate: %zu bytes of dynamic shared memory requested, %zu emulated\n", used, cap);
+    std::abort();
+  }
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
+        LONGATTN_EMU_UNPOISON(smem_base(), cap);
+        std::memset(smem_base(), 0xff, cap);
+        // ASan poisons in 8-byte granules: round the usable size up (a kernel's smem size is a
+        // multiple of 16 anyway).
+        const size_t keep = (used + 7) / 8 * 8;
+        if (keep < cap) LONGATTN_EMU_POISON(smem_base() + keep, cap - keep);
         Cta cta(threads);
         g_cta = &cta;
         std::vector<std::thread> ts;
@@ -92,12 +142,15 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body) {
           });
         for (auto& t : ts) t.join();
         g_cta = nullptr;
+        LONGATTN_EMU_UNPOISON(smem_base(), cap);
       }
 }
 
 }  // namespace emu
 
-alignas(16) unsigned char smem_raw[232 * 1024];
+alignas(16) inline unsigned char smem_raw[232 * 1024];
+inline unsigned char* emu::smem_base() { return smem_raw; }
+inline size_t emu::smem_capacity() { return sizeof(smem_raw); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 

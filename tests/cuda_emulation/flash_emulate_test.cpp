@@ -5,7 +5,7 @@
 // tests/test_block_sparse_attention_cuda.py. Cases whose name starts with "sparse" run the
 // block-sparse variants (Sparse = true) against the BlockMask's expanded element mask.
 // Build and run:
-//   tests/cuda_emulation/run.sh [case-substring | no-sparse | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
+//   tests/cuda_emulation/run.sh [case-substring[|substring...] | no-sparse | fuzz [n [seed]] | sparse-fuzz [n [seed]]]
 #define LONGATTN_FLASH_EMULATE 1
 #include <algorithm>
 #include <cstdio>
@@ -376,9 +376,9 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     const emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
     if (cfg.sparse.on) {
       a.sparse = R.bs;
-      emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); });
+      emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp>());
     } else {
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); });
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); }, fwd_smem_bytes<Dp>());
     }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
@@ -424,22 +424,22 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     if (cfg.sparse.on) a.sparse = R.bs;
     const AttentionParams& p = g.fwd;
     const emu::Dim3 rq = G(make_grid(p.seqlen_q, kRowsPerCta, p.heads, p.batch));
-    emu::launch(rq, 128, [&] { flash_bwd_preprocess_kernel<T>(g); });
+    emu::launch(rq, 128, [&] { flash_bwd_preprocess_kernel<T>(g); }, 0);
     using Tb = BwdTraits<Dp>;
     const emu::Dim3 kgrid = G(make_grid(p.seqlen_k, Tb::kBlockN, p.heads_kv, p.batch));
     if (cfg.sparse.on)
-      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, true>(a); });
+      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, true>(a); }, bwd_smem_bytes<Dp, true>());
     else
-      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, false>(a); });
+      emu::launch(kgrid, Tb::kWarps * 32, [&] { flash_bwd_kernel<T, Dp, false>(a); }, bwd_smem_bytes<Dp, false>());
     if (cfg.deterministic) {
       using Tr = DqTraits<Dp>;
       const emu::Dim3 qgrid = G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch));
       if (cfg.sparse.on)
-        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); });
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); }, bwd_dq_smem_bytes<Dp>());
       else
-        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, false>(a); });
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, false>(a); }, bwd_dq_smem_bytes<Dp>());
     } else {
-      emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); });
+      emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); }, 0);
     }
   }
   const double dqerr = max_err(R.dq, rdq, dqmax), dkerr = max_err(R.dk, rdk, dkmax), dverr = max_err(R.dv, rdv, dvmax);
@@ -578,7 +578,7 @@ int main(int argc, char** argv) {
   auto run = [&](const std::string& name, auto fn) {
     if (only == "no-sparse") {
       if (name.rfind("sparse", 0) == 0) return;
-    } else if (!only.empty() && name.find(only) == std::string::npos) {
+    } else if (!emu::selected(name, only)) {
       return;
     }
     fails += !fn();

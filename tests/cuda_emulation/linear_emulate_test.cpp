@@ -281,23 +281,20 @@ void run_plan(const std::vector<lin::Launch>& plan) {
       case lin::KernelKind::Chunk:
         ++g_chunk_walks;
         g_async_walks += l.a.async_ok ? 1 : 0;
-        // Shared memory holds garbage on a GPU: start from NaNs so a tile column the kernel
-        // forgets to write shows up (the first CTA of each launch sees them).
-        std::memset(smem_raw, 0xff, sizeof(smem_raw));
-        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 64>(l.a); });
-        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 128>(l.a); });
-        else emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 256>(l.a); });
+        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 64>(l.a); }, l.smem);
+        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 128>(l.a); }, l.smem);
+        else emu::launch(grid, l.threads, [&] { lin::linear_chunk_kernel<T, 256>(l.a); }, l.smem);
         break;
       case lin::KernelKind::Step:
-        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 64>(l.a); });
-        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 128>(l.a); });
-        else emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 256>(l.a); });
+        if (l.kp == 64) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 64>(l.a); }, l.smem);
+        else if (l.kp == 128) emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 128>(l.a); }, l.smem);
+        else emu::launch(grid, l.threads, [&] { lin::linear_step_kernel<T, 256>(l.a); }, l.smem);
         break;
       case lin::KernelKind::PrepDout:
-        emu::launch(grid, l.threads, [&] { lin::linear_prep_dout_kernel<T>(l.x); });
+        emu::launch(grid, l.threads, [&] { lin::linear_prep_dout_kernel<T>(l.x); }, 0);
         break;
-      case lin::KernelKind::Finish: emu::launch(grid, l.threads, [&] { lin::linear_finish_kernel<T>(l.x); }); break;
-      case lin::KernelKind::DecayScan: emu::launch(grid, l.threads, [&] { lin::linear_decay_scan_kernel(l.x); }); break;
+      case lin::KernelKind::Finish: emu::launch(grid, l.threads, [&] { lin::linear_finish_kernel<T>(l.x); }, 0); break;
+      case lin::KernelKind::DecayScan: emu::launch(grid, l.threads, [&] { lin::linear_decay_scan_kernel(l.x); }, l.smem); break;
     }
   }
 }
@@ -515,7 +512,7 @@ int main(int argc, char** argv) {
   const std::string filter = argc > 1 ? argv[1] : "";
   int fails = 0, runs = 0;
   auto run = [&](const std::string& name, Cfg c, bool bf16 = false) {
-    if (!filter.empty() && name.find(filter) == std::string::npos) return;
+    if (!emu::selected(name, filter)) return;
     ++runs;
     const bool ok = bf16 ? run_case<__nv_bfloat16>(name, c) : run_case<__half>(name, c);
     fails += ok ? 0 : 1;
@@ -562,7 +559,7 @@ int main(int argc, char** argv) {
   { Cfg d = c; d.T = 200; d.K = 24; d.V = 21; d.H = 1; d.fmap = 1; d.decay = 1;
     run("fallback T=200 V=21 (odd value dim: every walk synchronous)", d); }
   auto ones = [&](const std::string& name, bool causal, bool reverse, bool decay, int Tn, int V) {
-    if (!filter.empty() && name.find(filter) == std::string::npos) return;
+    if (!emu::selected(name, filter)) return;
     runs += 2;
     fails += ones_case<__half>(name, causal, reverse, decay, Tn, V);
   };

@@ -107,9 +107,9 @@ bool run_case(const std::string& name, const Cfg& c) {
   const emu::Dim3 grid{unsigned(c.grid ? c.grid : tokens), 1, 1};
   constexpr int VW = 16 / sizeof(T);
   if (vec)
-    emu::launch(grid, kRopeThreads, [&] { rope_kernel<T, Interleaved, VW>(p); });
+    emu::launch(grid, kRopeThreads, [&] { rope_kernel<T, Interleaved, VW>(p); }, 0);
   else
-    emu::launch(grid, kRopeThreads, [&] { rope_kernel<T, Interleaved, 1>(p); });
+    emu::launch(grid, kRopeThreads, [&] { rope_kernel<T, Interleaved, 1>(p); }, 0);
 
   // Reference and comparison, q heads then k heads.
   double err = 0, worst_rel = 0;
@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   int fails = 0;
   auto run = [&](const std::string& name, auto fn) {
-    if (!only.empty() && name.find(only) == std::string::npos) return;
+    if (!emu::selected(name, only)) return;
     fails += !fn();
   };
   {
