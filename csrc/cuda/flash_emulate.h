@@ -49,6 +49,9 @@
 namespace longattn {
 namespace cuda {
 namespace flash {
+// The dynamic shared memory of the CTA that runs (kernels declare it extern __shared__).
+alignas(16) inline unsigned char smem_raw[232 * 1024];
+
 namespace emu {
 
 struct Dim3 {
@@ -105,14 +108,10 @@ inline bool selected(const std::string& name, const std::string& filter) {
   return false;
 }
 
-// The dynamic shared memory of the CTA that runs (flash::smem_raw, defined below).
-inline unsigned char* smem_base();
-inline size_t smem_capacity();
-
 // Runs kernel(lambda) for every CTA of grid with `threads` threads and smem_bytes of dynamic
 // shared memory (-1: all of smem_raw); each CTA starts with shared memory filled with 0xff.
 inline void launch(Dim3 grid, int threads, const std::function<void()>& body, long smem_bytes = -1) {
-  const size_t cap = smem_capacity();
+  const size_t cap = sizeof(smem_raw);
   const size_t used = smem_bytes < 0 ? cap : size_t(smem_bytes);
   if (used > cap) {
     std::fprintf(stderr, "emulate: %zu bytes of dynamic shared memory requested, %zu emulated\n", used, cap);
@@ -121,12 +120,12 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body, lo
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        LONGATTN_EMU_UNPOISON(smem_base(), cap);
-        std::memset(smem_base(), 0xff, cap);
+        LONGATTN_EMU_UNPOISON(smem_raw, cap);
+        std::memset(smem_raw, 0xff, cap);
         // ASan poisons in 8-byte granules: round the usable size up (a kernel's smem size is a
         // multiple of 16 anyway).
         const size_t keep = (used + 7) / 8 * 8;
-        if (keep < cap) LONGATTN_EMU_POISON(smem_base() + keep, cap - keep);
+        if (keep < cap) LONGATTN_EMU_POISON(smem_raw + keep, cap - keep);
         Cta cta(threads);
         g_cta = &cta;
         std::vector<std::thread> ts;
@@ -142,15 +141,12 @@ inline void launch(Dim3 grid, int threads, const std::function<void()>& body, lo
           });
         for (auto& t : ts) t.join();
         g_cta = nullptr;
-        LONGATTN_EMU_UNPOISON(smem_base(), cap);
+        LONGATTN_EMU_UNPOISON(smem_raw, cap);
       }
 }
 
 }  // namespace emu
 
-alignas(16) inline unsigned char smem_raw[232 * 1024];
-inline unsigned char* emu::smem_base() { return smem_raw; }
-inline size_t emu::smem_capacity() { return sizeof(smem_raw); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
 
