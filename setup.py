@@ -4,6 +4,8 @@ Environment knobs:
   LONGATTN_CUDA=0|1        skip / require the CUDA backend (default: build it when nvcc is found)
   LONGATTN_CUDA_ARCHS      CUDA archs, default "80;90a" (plus PTX of the newest portable arch)
   LONGATTN_FWD_STRIPS      flash forward layout for head dims <= 128: 2 (default) or 1 (tuning)
+  LONGATTN_SPARSE_FWD_2STRIP_DP  block-sparse forward: largest head-dim bucket with two query
+                           strips per warp, 64 (default), 0, 32, 96 or 128 (tuning)
   LONGATTN_BUILD_JOBS      parallel compile jobs (default: CPU count)
   LONGATTN_BUILD_TYPE      CMake build type (default Release)
 """
@@ -49,6 +51,7 @@ class CMakeBuild(build_ext):
             args.append(f"-DLONGATTN_CUDA_ARCHS={os.environ['LONGATTN_CUDA_ARCHS']}")
         # Always passed, so a rebuild without the knob returns to the default layout.
         args.append(f"-DLONGATTN_FWD_STRIPS={os.environ.get('LONGATTN_FWD_STRIPS') or 2}")
+        args.append(f"-DLONGATTN_SPARSE_FWD_2STRIP_DP={os.environ.get('LONGATTN_SPARSE_FWD_2STRIP_DP') or 64}")
         subprocess.run(args, check=True)
         jobs = os.environ.get("LONGATTN_BUILD_JOBS", str(os.cpu_count() or 1))
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)

@@ -21,10 +21,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "cuda_emulation" / "run.sh"
 # run.sh arguments and extra environment of each suite; the flash forward is also checked in
-# its other build layout (LONGATTN_FWD_STRIPS=1: one 16-row strip per warp).
+# its other build layouts: LONGATTN_FWD_STRIPS=1 (one 16-row strip per warp, dense and
+# block-sparse, at every head dim) and LONGATTN_SPARSE_FWD_2STRIP_DP=128 (the block-sparse
+# forward with two strips and 32-key tiles at head dims 96 and 128).
 SUITES = {
     "flash": ([], {}),
-    "flash-strips1": (["no-sparse"], {"EMU_CXXFLAGS": "-DLONGATTN_FWD_STRIPS=1"}),
+    "flash-strips1": ([], {"EMU_CXXFLAGS": "-DLONGATTN_FWD_STRIPS=1"}),
+    "flash-sparse-2strip128": (["sparse"], {"EMU_CXXFLAGS": "-DLONGATTN_SPARSE_FWD_2STRIP_DP=128"}),
     "linear": (["linear"], {}),
     "rope": (["rope"], {}),
     # Sanitizer builds. The TSan subsets cover each kernel and pipeline: the forward over
@@ -33,7 +36,8 @@ SUITES = {
     # and several chunks, the normalizer's dK walk, the step kernel, varlen.
     "flash-tsan": (["bf16 d64 window long|f16 d64 window softcap alibi dlse|bf16 d80/72 gqa causal det|"
                     "f16 d256 window det|bf16 d32 varlen window alibi det|"
-                    "sparse bits bf16 d128 b128/64 batch window sink dlse det"], {"EMU_SAN": "thread"}),
+                    "sparse bits bf16 d128 b128/64 batch window sink dlse det|"
+                    "sparse bits f16 d64 b64/128 gqa causal pool3 det"], {"EMU_SAN": "thread"}),
     "linear-tsan": (["linear", "pipeline T=300 normalize relu per-head decay|pipeline non-causal T=200 normalize V=64|"
                      "step K=130|pipeline varlen"], {"EMU_SAN": "thread"}),
     "rope-tsan": (["rope"], {"EMU_SAN": "thread"}),

@@ -14,9 +14,12 @@
 #                          tools/gpu_sanitize_cases.py (torch's caching allocator off)
 #   bench.tar.gz           `python -m longattn bench --device cuda` JSON, Markdown, PNG
 #   flash.ncu-rep, flash_ncu.txt   Nsight Compute --set full of the flash forward/backward
-#   bench_strips1.tar.gz   (layout) the attention benchmark built with LONGATTN_FWD_STRIPS=1
-#                          (one 16-row strip per warp), to compare with bench.tar.gz; the
-#                          stage then rebuilds the default layout
+#   bench_strips1.tar.gz   (layout) the attention and block-sparse benchmarks built with
+#                          LONGATTN_FWD_STRIPS=1 (one 16-row strip per warp, dense and
+#                          sparse forward), to compare with bench.tar.gz
+#   bench_sparse2s128.tar.gz  (layout) the block-sparse benchmark built with
+#                          LONGATTN_SPARSE_FWD_2STRIP_DP=128 (two strips, 32-key tiles at
+#                          head dim 128); the stage then rebuilds the default layout
 # Peers missing on the machine (flash-linear-attention: fla-core and its pure-Python deps)
 # travel as wheels in .whl/ (git-ignored), fetched beforehand where pip can reach an index:
 #   pip download --no-deps --only-binary=:all: -d .whl fla-core==0.6.0
@@ -82,14 +85,19 @@ bench() {
   $PY -m longattn bench --device cuda --no-progress --out "$OUT/bench" &&
     tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench"
 }
+layout_bench() {  # name, ops, build knob assignments...
+  local name=$1 ops=$2; shift 2
+  if (export "$@"; build); then
+    $PY -m longattn bench --ops "$ops" --device cuda --no-progress --out "$OUT/$name" &&
+      tar -C "$OUT" -czf "$OUT/$name.tar.gz" "$name" && rm -rf "$OUT/$name"
+  else
+    return 1
+  fi
+}
 layout() {
   local rc=0
-  if LONGATTN_FWD_STRIPS=1 build; then
-    $PY -m longattn bench --ops attention --device cuda --no-progress --out "$OUT/bench_strips1" &&
-      tar -C "$OUT" -czf "$OUT/bench_strips1.tar.gz" bench_strips1 && rm -rf "$OUT/bench_strips1" || rc=1
-  else
-    rc=1
-  fi
+  layout_bench bench_strips1 attention,block_sparse LONGATTN_FWD_STRIPS=1 || rc=1
+  layout_bench bench_sparse2s128 block_sparse LONGATTN_SPARSE_FWD_2STRIP_DP=128 || rc=1
   build || rc=1  # back to the default layout
   return $rc
 }

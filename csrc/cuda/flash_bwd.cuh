@@ -532,9 +532,13 @@ __global__ void __launch_bounds__(BwdTraits<Dp>::kWarps * 32) flash_bwd_kernel(c
 
 // ---- 3'. deterministic dQ ---------------------------------------------------------------------
 template <int Dp>
-constexpr int bwd_dq_smem_bytes() {
+__host__ __device__ constexpr int bwd_dq_tile_bytes() {
   using Tr = DqTraits<Dp>;
   return (2 * Tr::kBlockM + 4 * Tr::kBlockN) * (Dp + kPad) * 2;  // Q, dO, 2 stages of K and V
+}
+template <int Dp, bool Sparse>
+__host__ __device__ constexpr int bwd_dq_smem_bytes() {
+  return bwd_dq_tile_bytes<Dp>() + walk_smem_bytes<Sparse>();  // + the sparse walk (SharedKeyWalk)
 }
 
 template <typename T, int Dp, bool Sparse>
@@ -570,7 +574,7 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
   // The key tiles in visiting order, as the forward, with their K / V and bit-mask words
   // loaded as there.
   KeyTiles<N, Sparse> tiles;
-  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
+  tiles.init(p, args.sparse, s, b, h, i0, M, rows, smem_raw + bwd_dq_tile_bytes<Dp>());
   auto load_kv = [&](int j0, int stage) {
     const int n = min(N, s.sk - j0);
     load_tile<T, N, Dp, THREADS>(sK + stage * N * LD, k + j0 * p.k_stride[1], p.k_stride[1], n, D, args.vec_k);
@@ -578,8 +582,10 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
     if constexpr (Sparse) {
       if (args.sparse.bits) {  // uniform
         constexpr int W = N / 32;
-        if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0))
-          cp_async4(pad_bits<T, Dp>(sQ + threadIdx.x / W * LD) + 2 * stage + threadIdx.x % W, src);
+#pragma unroll
+        for (int u = threadIdx.x; u < M * W; u += THREADS)
+          if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0, u))
+            cp_async4(pad_bits<T, Dp>(sQ + u / W * LD) + 2 * stage + u % W, src);
       }
     }
   };
@@ -623,7 +629,7 @@ __global__ void __launch_bounds__(DqTraits<Dp>::kWarps * 32) flash_bwd_dq_kernel
     const int stage = it & 1;
     int mode;
     bool masked;
-    const int j0 = tiles.take(wq, mode, masked);
+    const int j0 = tiles.take(args.sparse, wq, mode, masked);
     if (tiles.more) load_kv(tiles.next_j0, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -755,7 +761,7 @@ cudaError_t launch_flash_bwd(const AttentionGradParams& g, cudaStream_t stream) 
   if (p.seqlen_q > 0) {
     if (g.deterministic) {
       using Tr = DqTraits<Dp>;
-      constexpr int smem = bwd_dq_smem_bytes<Dp>();
+      const int smem = p.sparse ? bwd_dq_smem_bytes<Dp, true>() : bwd_dq_smem_bytes<Dp, false>();
       auto kernel = p.sparse ? flash_bwd_dq_kernel<T, Dp, true> : flash_bwd_dq_kernel<T, Dp, false>;
       if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) != cudaSuccess)
         return err;

@@ -63,14 +63,24 @@ template <int Dp> struct FwdTraits {  // Dp = 32, 64, 96, 128
 };
 template <> struct FwdTraits<192> { static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kStrips = 1; };
 template <> struct FwdTraits<256> { static constexpr int kBlockM = 64, kBlockN = 32, kWarps = 4, kStrips = 1; };
-// Warps and strips per warp of a forward variant: the block-sparse forward keeps one strip
-// per warp (its per-CTA walk state, SparseKeyWalk, does not fit beside two strips of
-// accumulators at Dp = 128 without spilling).
-// One strip per warp at Dp = 64 fits in 128 registers: two CTAs of 8 warps per SM
+// Warps, strips per warp and key-tile size of a forward variant. The block-sparse forward
+// takes the dense layout (two strips for Dp <= 128 unless LONGATTN_FWD_STRIPS=1) up to the
+// head-dim bucket LONGATTN_SPARSE_FWD_2STRIP_DP (default 64), with 32-key tiles above 64 (two
+// strips of 64-key score accumulators spill there); larger buckets keep one strip per warp.
+// At Dp = 128 two strips with 32-key tiles still spill ~20 bytes (sm_90a), which is why they
+// are the knob's choice (LONGATTN_SPARSE_FWD_2STRIP_DP=128) rather than the default until
+// measured. One strip per warp at Dp = 64 fits in 128 registers: two CTAs of 8 warps per SM
 // (kMinBlocks, a __launch_bounds__ argument).
+#ifndef LONGATTN_SPARSE_FWD_2STRIP_DP
+#define LONGATTN_SPARSE_FWD_2STRIP_DP 64
+#endif
+static_assert(LONGATTN_SPARSE_FWD_2STRIP_DP >= 0 && LONGATTN_SPARSE_FWD_2STRIP_DP <= 128,
+              "LONGATTN_SPARSE_FWD_2STRIP_DP must be 0 (one strip everywhere), 32, 64, 96 or 128");
 template <int Dp, bool Sparse>
 struct FwdLayout {
-  static constexpr int kStrips = Sparse ? 1 : FwdTraits<Dp>::kStrips;
+  static constexpr bool kWide = !Sparse || Dp <= LONGATTN_SPARSE_FWD_2STRIP_DP;
+  static constexpr int kStrips = kWide ? FwdTraits<Dp>::kStrips : 1;
+  static constexpr int kBlockN = Sparse && kStrips == 2 && Dp > 64 ? 32 : FwdTraits<Dp>::kBlockN;
   static constexpr int kWarps = FwdTraits<Dp>::kBlockM / (16 * kStrips);
   static constexpr int kMinBlocks = kStrips == 1 && Dp == 64 ? 2 : 1;
 };
@@ -482,65 +492,131 @@ struct SparseKeyWalk {
   __device__ __forceinline__ int j0() const { return kb * block_k + sub * N; }
 };
 
+// One key tile of a forward-shaped CTA's walk as published in shared memory: its first key,
+// modes (bits 0-1: the CTA's first query block, 2-3: its second; bit 4: the entry is a
+// tile, clear past the end) and, with bit masks, the raw pool index (ListCursor::popped_id)
+// of each query block's bit mask where that block has the tile partial.
+struct TileEntry {
+  int j0, modes, id[2];
+};
+constexpr int kTileValid = 16;
+
+// The sparse walk of a forward-shaped CTA lives in shared memory, past the kernel's tiles
+// (walk_smem_bytes more): thread 0 advances it one tile ahead of the consumers into a
+// three-entry ring. Held in registers by every thread it cost ~30 registers for the whole
+// loop, which kept the sparse forward at one strip of 16 query rows per warp.
+template <int N>
+struct SharedKeyWalk {
+  SparseKeyWalk<N> walk;
+  TileEntry ring[3];
+  int ended;
+};
+template <bool Sparse>
+__host__ __device__ constexpr int walk_smem_bytes() {
+  return Sparse ? int((sizeof(SharedKeyWalk<64>) + 15) / 16 * 16) : 0;
+}
+
 // The key tiles of N keys that a forward-shaped CTA (query rows [i0, i0 + rows)) visits, in
 // order. Dense: the tiles covering key_range(), classified full / partial by it. Sparse:
-// the SparseKeyWalk of the CTA's query block(s). `more` says a tile remains and `next_j0`
-// is its first key (for the prefetch); take() moves to it.
+// the SparseKeyWalk of the CTA's query block(s), advanced by thread 0 in shared memory
+// (SharedKeyWalk at `shared`). `more` says a tile remains and `next_j0` is its first key
+// (for the prefetch); take() moves to it. All threads of the CTA call init() (a barrier)
+// and take() in step, once per iteration of a loop whose body has a __syncthreads after
+// take() (before any warp can be two tiles ahead): the ring entry thread 0 overwrites in
+// take() of iteration it, tile it + 2, was last read in iteration it - 1.
 template <int N, bool Sparse>
 struct KeyTiles {
-  SparseKeyWalk<N> walk;
   int full_begin = 0, full_end = 0;  // dense: keys [full_begin, full_end) need no mask
   int end_j0 = 0;
   bool more = false;
   int next_j0 = 0;
 
-  __device__ __forceinline__ void init(const AttentionParams& p, const BlockSparseSchedule& bs, const Seq& s, int b,
-                                       int h, int i0, int rows_cta, int rows) {
-    if constexpr (Sparse) {
-      walk.init(bs, b, h, i0, rows_cta, s.sq, s.sk);
-      more = walk.next();
-      next_j0 = more ? walk.j0() : 0;
+  __device__ __forceinline__ void init(const AttentionParams& p, const BlockSparseSchedule&, const Seq& s, int, int,
+                                       int i0, int, int rows, void*) {
+    const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
+    full_begin = int(kr.full_begin);  // in [0, sk]
+    full_end = int(kr.full_end);
+    const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
+    more = kb_begin < kb_end;
+    next_j0 = kb_begin * N;
+    end_j0 = kb_end * N;
+  }
+  // Takes the next tile: returns its first key, its mode (always kFull here) and whether
+  // the element mask applies to it.
+  __device__ __forceinline__ int take(const BlockSparseSchedule&, int, int& mode, bool& masked) {
+    const int j0 = next_j0;
+    mode = kFull;
+    masked = j0 < full_begin || j0 + N > full_end;
+    next_j0 = j0 + N;
+    more = next_j0 < end_j0;
+    return j0;
+  }
+};
+
+template <int N>
+struct KeyTiles<N, true> {
+  SharedKeyWalk<N>* sh;
+  int nslot;  // ring slot of the next tile
+  bool more = false;
+  int next_j0 = 0;
+
+  // Thread 0: the walk's next tile into ring slot `slot`.
+  __device__ __forceinline__ void produce(const BlockSparseSchedule& bs, int slot) {
+    SparseKeyWalk<N>& w = sh->walk;
+    TileEntry e{0, 0, {0, 0}};
+    if (!sh->ended && w.next()) {
+      e.j0 = w.j0();
+      e.modes = w.mode[0] | w.mode[1] << 2 | kTileValid;
+      if (bs.bits) {
+        if (w.mode[0] == kPartial) e.id[0] = w.part[0].popped_id(bs.kv_idx, bs.kv_bits);
+        if (w.mode[1] == kPartial) e.id[1] = w.part[1].popped_id(bs.kv_idx, bs.kv_bits);
+      }
     } else {
-      const KeyRange kr = key_range_dev(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-      full_begin = int(kr.full_begin);  // in [0, sk]
-      full_end = int(kr.full_end);
-      const int kb_begin = int(kr.begin / N), kb_end = int((kr.end + N - 1) / N);
-      more = kb_begin < kb_end;
-      next_j0 = kb_begin * N;
-      end_j0 = kb_end * N;
+      sh->ended = 1;
     }
+    sh->ring[slot] = e;
+  }
+  __device__ __forceinline__ void init(const AttentionParams&, const BlockSparseSchedule& bs, const Seq& s, int b,
+                                       int h, int i0, int rows_cta, int, void* shared) {
+    sh = static_cast<SharedKeyWalk<N>*>(shared);
+    if (threadIdx.x == 0) {
+      sh->walk.init(bs, b, h, i0, rows_cta, s.sq, s.sk);
+      sh->ended = 0;
+      produce(bs, 0);
+      produce(bs, 1);
+    }
+    __syncthreads();
+    nslot = 0;
+    const TileEntry e = sh->ring[0];
+    more = (e.modes & kTileValid) != 0;
+    next_j0 = e.j0;
   }
   // Takes the next tile: returns its first key, its mode for a warp whose rows lie in the
   // CTA's query block `wq` (0 or 1; kFull, kPartial or kSkip) and whether the element
   // mask applies to it.
-  __device__ __forceinline__ int take(int wq, int& mode, bool& masked) {
-    const int j0 = next_j0;
-    if constexpr (Sparse) {
-      mode = wq ? walk.mode[1] : walk.mode[0];
-      masked = mode == kPartial;
-      more = walk.next();
-      next_j0 = more ? walk.j0() : 0;
-    } else {
-      mode = kFull;
-      masked = j0 < full_begin || j0 + N > full_end;
-      next_j0 = j0 + N;
-      more = next_j0 < end_j0;
-    }
-    return j0;
+  __device__ __forceinline__ int take(const BlockSparseSchedule& bs, int wq, int& mode, bool& masked) {
+    const TileEntry c = sh->ring[nslot];
+    mode = (c.modes >> (2 * wq)) & 3;
+    masked = mode == kPartial;
+    nslot = nslot == 2 ? 0 : nslot + 1;
+    const TileEntry nx = sh->ring[nslot];
+    more = (nx.modes & kTileValid) != 0;
+    next_j0 = nx.j0;
+    if (threadIdx.x == 0) produce(bs, nslot == 2 ? 0 : nslot + 1);
+    return c.j0;
   }
-  // Sparse with bit masks: the pool word that thread u stages for the next tile (pad_bits):
-  // word u % W of CTA row u / W (W = N / 32), or null where there is none (u >= M * W) or
-  // that row's query block does not have the tile partial.
+  // With bit masks: the pool word that thread u stages for the next tile (pad_bits): word
+  // u % W of CTA row u / W (W = N / 32), or null where there is none (u >= M * W) or that
+  // row's query block does not have the tile partial.
   template <int M>
-  __device__ __forceinline__ const uint32_t* next_bits_src(const BlockSparseSchedule& bs, int i0) const {
+  __device__ __forceinline__ const uint32_t* next_bits_src(const BlockSparseSchedule& bs, int i0, int u) const {
     constexpr int W = N / 32;
-    const int u = threadIdx.x, r = u / W;
+    const int r = u / W;
     if (u >= M * W) return nullptr;
-    const bool q1 = (i0 & int(bs.block_q - 1)) + r >= bs.block_q;  // the CTA's second query block
-    if ((q1 ? walk.mode[1] : walk.mode[0]) != kPartial) return nullptr;
-    // (two calls, not a runtime-selected cursor, which would put the walk in local memory)
-    const int id = q1 ? walk.part[1].popped_id(bs.kv_idx, bs.kv_bits) : walk.part[0].popped_id(bs.kv_idx, bs.kv_bits);
-    return bit_row(bs, id, i0 + r, next_j0) + u % W;
+    const int q1 = (i0 & int(bs.block_q - 1)) + r >= bs.block_q;  // the CTA's second query block
+    const TileEntry& e = sh->ring[nslot];
+    if (((e.modes >> (2 * q1)) & 3) != kPartial) return nullptr;
+    return bit_row(bs, e.id[q1], i0 + r, next_j0) + u % W;
   }
 };
 
@@ -599,6 +675,31 @@ struct SparseRowMask {
   }
   __device__ __forceinline__ bool visible(int j) const {
     return j < causal_end && ((j >= wlo && j < whi) || j < sink);
+  }
+  // The same bounds relative to the tile of n keys from j0 (visible(j - j0) for j in
+  // [j0, j0 + n)), clamped to [0, n]. Computed from j0 in each masked tile, so that the
+  // compiler cannot hoist four bounds per row out of the key loop into registers (which is
+  // what spilled the two-strip sparse forward).
+  __device__ __forceinline__ void init_tile(const BlockSparseSchedule& bs, int64_t i, int sq, int sk, int j0, int n) {
+    const int64_t d = i + sk - sq - j0;  // the diagonal, relative to the tile
+    auto clamp = [&](int64_t x) { return x < 0 ? 0 : (x > n ? n : int(x)); };
+    causal_end = bs.causal ? clamp(d + 1) : n;
+    wlo = bs.window_left < 0 ? 0 : clamp(d - bs.window_left);
+    whi = bs.window_right < 0 ? n : clamp(d + bs.window_right + 1);
+    sink = clamp(int64_t(bs.sink_tokens) - j0);
+  }
+  // After init_tile: the visible columns of the tile as N / 32 words (column c is bit c % 32
+  // of word c / 32), the layout of the bit masks (lane_bits).
+  template <int N>
+  __device__ __forceinline__ void tile_words(uint32_t (&w)[N / 32]) const {
+#pragma unroll
+    for (int k = 0; k < N / 32; ++k) w[k] = span_word(0, causal_end, k) & (span_word(wlo, whi, k) | span_word(0, sink, k));
+  }
+  // Bits [a, b) of the columns 32k .. 32k + 31 (0 <= a, b).
+  __device__ __forceinline__ static uint32_t span_word(int a, int b, int k) {
+    const int lo = a - 32 * k < 0 ? 0 : a - 32 * k, hi = b - 32 * k > 32 ? 32 : b - 32 * k;
+    if (hi <= lo) return 0u;  // then also lo < 32 below
+    return (hi == 32 ? ~0u : (1u << hi) - 1u) & ~((1u << lo) - 1u);
   }
 };
 

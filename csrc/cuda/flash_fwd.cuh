@@ -14,12 +14,14 @@
 // sum and stored directly from registers; lse = m + log(l) (or -inf for rows without a
 // visible key, which also get O = 0).
 //
-// Sparse = true walks a BlockSparseSchedule instead (SparseKeyWalk, flash_common.cuh): the
-// key tiles of the blocks listed for the CTA's query block(s), each warp applying its own
-// block's state: not listed (the warp skips the tile: its scores are all -inf), full (no
-// mask) or partial (the BlockMask's element mask and, with token-granular bit masks,
+// Sparse = true walks a BlockSparseSchedule instead (SparseKeyWalk, advanced in shared
+// memory by thread 0: SharedKeyWalk, flash_common.cuh): the key tiles of the blocks listed
+// for the CTA's query block(s), each warp applying its own block's state: not listed (the
+// warp skips the tile: its scores are all -inf), full (no mask) or partial (the BlockMask's
+// element mask, as one bit per element of a lane's rows, and with token-granular bit masks,
 // BlockSparseSchedule::bits, the element's bit: the tile's words are copied with its K / V
-// into Q's row padding, pad_bits in flash_common.cuh). Both variants are instantiated by
+// into Q's row padding, pad_bits in flash_common.cuh). Its layout (FwdLayout) is the dense
+// one up to LONGATTN_SPARSE_FWD_2STRIP_DP and one strip per warp above. Both variants are instantiated by
 // each launcher. The sparse variant has not yet run on a GPU; it is checked on the host
 // through tests/cuda_emulation.
 #pragma once
@@ -36,10 +38,13 @@ struct FwdArgs {
   bool vec_q, vec_k, vec_v;    // cp.async allowed (see load_tile)
 };
 
-template <int Dp>
-constexpr int fwd_smem_bytes() {
-  using Tr = FwdTraits<Dp>;
-  return (Tr::kBlockM + 4 * Tr::kBlockN) * (Dp + kPad) * 2;  // Q, 2 stages of K and V
+template <int Dp, bool Sparse>
+__host__ __device__ constexpr int fwd_tile_bytes() {
+  return (FwdTraits<Dp>::kBlockM + 4 * FwdLayout<Dp, Sparse>::kBlockN) * (Dp + kPad) * 2;  // Q, 2 stages of K and V
+}
+template <int Dp, bool Sparse>
+__host__ __device__ constexpr int fwd_smem_bytes() {
+  return fwd_tile_bytes<Dp, Sparse>() + walk_smem_bytes<Sparse>();  // + the sparse walk (SharedKeyWalk)
 }
 
 template <typename T, int Dp, bool Sparse>
@@ -47,7 +52,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     flash_fwd_kernel(const FwdArgs args) {
   using Tr = FwdTraits<Dp>;
   using Ly = FwdLayout<Dp, Sparse>;
-  constexpr int M = Tr::kBlockM, N = Tr::kBlockN, SP = Ly::kStrips, THREADS = Ly::kWarps * 32, LD = Dp + kPad;
+  constexpr int M = Tr::kBlockM, N = Ly::kBlockN, SP = Ly::kStrips, THREADS = Ly::kWarps * 32, LD = Dp + kPad;
   constexpr int NT = N / 8;    // n-tiles of S per strip
   constexpr int DT = Dp / 8;   // n-tiles of O per strip
   constexpr int R = 2 * SP;    // query rows per thread
@@ -74,7 +79,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
 
   KeyTiles<N, Sparse> tiles;
-  tiles.init(p, args.sparse, s, b, h, i0, M, rows);
+  tiles.init(p, args.sparse, s, b, h, i0, M, rows, smem_raw + fwd_tile_bytes<Dp, Sparse>());
   // K / V of the next tile (tiles.next_j0, so the walk is at that tile) into `stage`, and
   // with bit masks its words into that stage's words of Q's row padding (pad_bits).
   auto load_kv = [&](int j0, int stage) {
@@ -84,8 +89,10 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     if constexpr (Sparse) {
       if (args.sparse.bits) {  // uniform
         constexpr int W = N / 32;
-        if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0))
-          cp_async4(pad_bits<T, Dp>(sQ + threadIdx.x / W * LD) + 2 * stage + threadIdx.x % W, src);
+#pragma unroll
+        for (int u = threadIdx.x; u < M * W; u += THREADS)
+          if (const uint32_t* src = tiles.template next_bits_src<M>(args.sparse, i0, u))
+            cp_async4(pad_bits<T, Dp>(sQ + u / W * LD) + 2 * stage + u % W, src);
       }
     }
   };
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     const int stage = it & 1;
     int mode;
     bool masked;
-    const int j0 = tiles.take(wq, mode, masked);
+    const int j0 = tiles.take(args.sparse, wq, mode, masked);
     if (tiles.more) load_kv(tiles.next_j0, stage ^ 1);
     cp_async_commit();  // possibly empty group, keeps the wait count uniform
     cp_async_wait<1>();
@@ -154,14 +161,30 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
         }
       }
 
-      // Bit masks: this lane's bits of its rows (sparse: one strip, R = 2), read only now
-      // that S is done (registers: see pad_bits).
-      uint32_t tb = 0;
-      if constexpr (Sparse) {
-        static_assert(R == 2, "bit masks: two rows per thread");
-        if (bitmask)
-          tb = lane_bits<N>(pad_bits<T, Dp>(sQ + (r0 + g) * LD) + 2 * stage,
-                            pad_bits<T, Dp>(sQ + (r0 + g + 8) * LD) + 2 * stage, t);
+      // Sparse, partial tile: this lane's visible elements of its rows, one register per
+      // strip in lane_bits' layout: the BlockMask's element mask (SparseRowMask, relative to
+      // the tile) and, with token-granular bit masks, the staged words (read only now that
+      // S is done; registers: see pad_bits).
+      uint32_t tb[SP];
+#pragma unroll
+      for (int st = 0; st < SP; ++st) {
+        tb[st] = ~0u;
+        if constexpr (Sparse) {
+          if (masked) {
+            const int n = min(N, s.sk - j0);
+            const int i = i0 + r0 + 16 * st + g;
+            uint32_t w0[N / 32], w1[N / 32];
+            SparseRowMask rm;
+            rm.init_tile(args.sparse, i, s.sq, s.sk, j0, n);
+            rm.tile_words<N>(w0);
+            rm.init_tile(args.sparse, i + 8, s.sq, s.sk, j0, n);
+            rm.tile_words<N>(w1);
+            tb[st] = lane_bits<N>(w0, w1, t);
+            if (bitmask)
+              tb[st] &= lane_bits<N>(pad_bits<T, Dp>(sQ + (r0 + 16 * st + g) * LD) + 2 * stage,
+                                     pad_bits<T, Dp>(sQ + (r0 + 16 * st + g + 8) * LD) + 2 * stage, t);
+          }
+        }
       }
 
       // Scores, row maxima.
@@ -171,11 +194,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
         const int i = qrow(x);
         const int st = x / 2, e0 = 2 * (x % 2);
         int lo = 0, hi = 0;
-        SparseRowMask rm;
-        if (masked) {
-          if constexpr (Sparse) rm.init(args.sparse, i, s.sq, s.sk);
-          else lo = mod.lo(i), hi = mod.hi(i);
-        }
+        if (!Sparse && masked) lo = mod.lo(i), hi = mod.hi(i);
         mx[x] = m[x];
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -186,8 +205,7 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
             float& sc = acc[st][n][e];
             if constexpr (Sparse) {
               sc = mod.apply(sc, i, j, false, 0, 0, tt);
-              if (masked && !rm.visible(j)) sc = -INFINITY;
-              if (bitmask && !lane_bit(tb, x, n, e & 1)) sc = -INFINITY;
+              if (masked && !lane_bit(tb[st], x % 2, n, e & 1)) sc = -INFINITY;
             } else {
               sc = mod.apply(sc, i, j, masked, lo, hi, tt);
             }
@@ -284,7 +302,7 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   a.vec_q = vec_ok(p.q, p.q_stride);
   a.vec_k = vec_ok(p.k, p.k_stride);
   a.vec_v = vec_ok(p.v, p.v_stride);
-  constexpr int smem = fwd_smem_bytes<Dp>();
+  const int smem = p.sparse ? fwd_smem_bytes<Dp, true>() : fwd_smem_bytes<Dp, false>();
   auto kernel = p.sparse ? flash_fwd_kernel<T, Dp, true> : flash_fwd_kernel<T, Dp, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;

@@ -587,6 +587,7 @@ py::dict build_info() {
   d["cuda_compiled"] = true;
   d["cuda_archs"] = std::string(LONGATTN_CUDA_ARCHS);
   d["flash_fwd_strips"] = LONGATTN_FWD_STRIPS;
+  d["sparse_fwd_2strip_dp"] = LONGATTN_SPARSE_FWD_2STRIP_DP;
   d["cuda_device_count"] = cuda::device_count();
   d["cuda_devices"] = cuda::device_names();
   int v = cuda::runtime_version();
@@ -595,6 +596,7 @@ py::dict build_info() {
   d["cuda_compiled"] = false;
   d["cuda_archs"] = std::string();
   d["flash_fwd_strips"] = py::none();
+  d["sparse_fwd_2strip_dp"] = py::none();
   d["cuda_device_count"] = 0;
   d["cuda_devices"] = std::vector<std::string>();
   d["cuda_runtime_version"] = py::none();

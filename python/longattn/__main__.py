@@ -22,6 +22,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  CUDA backend  compiled for {archs}" + (f", CUDA runtime {runtime}" if runtime else ""))
         if info.get("flash_fwd_strips") not in (None, 2):
             print(f"  tuning        LONGATTN_FWD_STRIPS={info['flash_fwd_strips']} (flash forward, head dims <= 128)")
+        if info.get("sparse_fwd_2strip_dp") not in (None, 64):
+            print(f"  tuning        LONGATTN_SPARSE_FWD_2STRIP_DP={info['sparse_fwd_2strip_dp']} (block-sparse forward)")
     else:
         print("  CUDA backend  not compiled")
     devices = info.get("cuda_devices") or []

@@ -376,9 +376,9 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     const emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
     if (cfg.sparse.on) {
       a.sparse = R.bs;
-      emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp>());
+      emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp, true>());
     } else {
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); }, fwd_smem_bytes<Dp>());
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); }, fwd_smem_bytes<Dp, false>());
     }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
@@ -435,9 +435,9 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       using Tr = DqTraits<Dp>;
       const emu::Dim3 qgrid = G(make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch));
       if (cfg.sparse.on)
-        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); }, bwd_dq_smem_bytes<Dp>());
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, true>(a); }, bwd_dq_smem_bytes<Dp, true>());
       else
-        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, false>(a); }, bwd_dq_smem_bytes<Dp>());
+        emu::launch(qgrid, Tr::kWarps * 32, [&] { flash_bwd_dq_kernel<T, Dp, false>(a); }, bwd_dq_smem_bytes<Dp, false>());
     } else {
       emu::launch(rq, 128, [&] { flash_bwd_dq_convert_kernel<T>(g); }, 0);
     }
