@@ -507,9 +507,8 @@ constexpr int kTileValid = 16;
 // loop, which kept the sparse forward at one strip of 16 query rows per warp.
 template <int N>
 struct SharedKeyWalk {
-  SparseKeyWalk<N> walk;
+  SparseKeyWalk<N> walk;  // next() keeps returning false once the walk has ended
   TileEntry ring[3];
-  int ended;
 };
 template <bool Sparse>
 __host__ __device__ constexpr int walk_smem_bytes() {
@@ -555,6 +554,7 @@ struct KeyTiles {
 
 template <int N>
 struct KeyTiles<N, true> {
+  static_assert(sizeof(SharedKeyWalk<N>) <= walk_smem_bytes<true>(), "walk_smem_bytes");
   SharedKeyWalk<N>* sh;
   int nslot;  // ring slot of the next tile
   bool more = false;
@@ -564,15 +564,13 @@ struct KeyTiles<N, true> {
   __device__ __forceinline__ void produce(const BlockSparseSchedule& bs, int slot) {
     SparseKeyWalk<N>& w = sh->walk;
     TileEntry e{0, 0, {0, 0}};
-    if (!sh->ended && w.next()) {
+    if (w.next()) {
       e.j0 = w.j0();
       e.modes = w.mode[0] | w.mode[1] << 2 | kTileValid;
       if (bs.bits) {
         if (w.mode[0] == kPartial) e.id[0] = w.part[0].popped_id(bs.kv_idx, bs.kv_bits);
         if (w.mode[1] == kPartial) e.id[1] = w.part[1].popped_id(bs.kv_idx, bs.kv_bits);
       }
-    } else {
-      sh->ended = 1;
     }
     sh->ring[slot] = e;
   }
@@ -581,7 +579,6 @@ struct KeyTiles<N, true> {
     sh = static_cast<SharedKeyWalk<N>*>(shared);
     if (threadIdx.x == 0) {
       sh->walk.init(bs, b, h, i0, rows_cta, s.sq, s.sk);
-      sh->ended = 0;
       produce(bs, 0);
       produce(bs, 1);
     }
@@ -666,12 +663,7 @@ struct SparseRowMask {
   int causal_end, wlo, whi, sink;
 
   __device__ __forceinline__ void init(const BlockSparseSchedule& bs, int64_t i, int sq, int sk) {
-    const int64_t d = i + sk - sq;
-    auto clamp = [&](int64_t x) { return x < 0 ? 0 : (x > sk ? sk : int(x)); };
-    causal_end = bs.causal ? clamp(d + 1) : sk;
-    wlo = bs.window_left < 0 ? 0 : clamp(d - bs.window_left);
-    whi = bs.window_right < 0 ? sk : clamp(d + bs.window_right + 1);
-    sink = clamp(bs.sink_tokens);
+    init_tile(bs, i, sq, sk, 0, sk);
   }
   __device__ __forceinline__ bool visible(int j) const {
     return j < causal_end && ((j >= wlo && j < whi) || j < sink);

@@ -21,9 +21,9 @@
 // element mask, as one bit per element of a lane's rows, and with token-granular bit masks,
 // BlockSparseSchedule::bits, the element's bit: the tile's words are copied with its K / V
 // into Q's row padding, pad_bits in flash_common.cuh). Its layout (FwdLayout) is the dense
-// one up to LONGATTN_SPARSE_FWD_2STRIP_DP and one strip per warp above. Both variants are instantiated by
-// each launcher. The sparse variant has not yet run on a GPU; it is checked on the host
-// through tests/cuda_emulation.
+// one up to LONGATTN_SPARSE_FWD_2STRIP_DP and one strip per warp above. Both variants are
+// instantiated by each launcher. The sparse variant has not yet run on a GPU; it is
+// checked on the host through tests/cuda_emulation.
 #pragma once
 
 #include "flash_common.cuh"
