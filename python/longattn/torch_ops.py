@@ -1,4 +1,4 @@
-"""torch integration: torch.library custom ops with fake (meta) implementations, so that
+"""torch integration: PyTorch custom ops with fake (meta) implementations, so that
 torch.compile(fullgraph=True) traces through longattn, plus autograd formulas.
 
 Imported only when a torch tensor reaches a public op; longattn itself never requires torch.
@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from torch.library import custom_op, register_autograd
 
 from . import rope as _rope
 
 # ---- RoPE ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("longattn::rope", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::rope", mutates_args=(), device_types=("cpu", "cuda"))
 def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
          attention_factor: float, interleaved: bool, conjugate: bool) -> List[torch.Tensor]:
     """Out-of-place RoPE; returns [q_rot] or [q_rot, k_rot] (contiguous)."""
@@ -60,10 +61,10 @@ def _rope_backward(ctx, grads):
     return outs[0], (outs[1] if ctx.has_k else None), None, None, None, None, None
 
 
-torch.library.register_autograd("longattn::rope", _rope_backward, setup_context=_rope_setup_context)
+register_autograd("longattn::rope", _rope_backward, setup_context=_rope_setup_context)
 
 
-@torch.library.custom_op("longattn::rope_", mutates_args=("q", "k"), device_types=("cpu", "cuda"))
+@custom_op("longattn::rope_", mutates_args=("q", "k"), device_types=("cpu", "cuda"))
 def rope_(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
           attention_factor: float, interleaved: bool, conjugate: bool) -> None:
     """In-place RoPE: rotates q (and k) in their own memory."""
@@ -121,7 +122,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
     if inplace:
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
         if needs_grad:
-            # torch.library autograd covers functional ops only, and q/k are often views
+            # custom-op autograd covers functional ops only, and q/k are often views
             # (slices of a packed qkv): compute out of place and copy_, which autograd
             # records correctly on views and leaves.
             outs = torch.ops.longattn.rope(q, k, positions, freqs, attention_factor, interleaved, False)
@@ -140,7 +141,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
 from . import attention as _attention  # noqa: E402
 
 
-@torch.library.custom_op("longattn::flash_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::flash_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
                             cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                             softcap: float, alibi_slopes: Optional[torch.Tensor], window_left: int, window_right: int,
@@ -163,7 +164,7 @@ def _flash_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     return out, lse
 
 
-@torch.library.custom_op("longattn::flash_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::flash_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def flash_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                              cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
@@ -206,7 +207,7 @@ def _attention_backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("longattn::flash_attention_forward", _attention_backward,
+register_autograd("longattn::flash_attention_forward", _attention_backward,
                                 setup_context=_attention_setup_context)
 
 ATTENTION_OPS = [torch.ops.longattn.flash_attention_forward.default,
@@ -234,7 +235,7 @@ from . import block_sparse as _block_sparse  # noqa: E402
 # full_idx) for the forward, plus the query side (q_num, q_idx, full_q_num, full_q_idx) that
 # the CUDA backward walks, then its bit tiles (bits, kv_bits, q_bits: empty tensors for masks
 # without). `deterministic` rides along in the forward for the backward.
-@torch.library.custom_op("longattn::block_sparse_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::block_sparse_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num: torch.Tensor,
                                    kv_idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor,
                                    q_num: torch.Tensor, q_idx: torch.Tensor, full_q_num: torch.Tensor,
@@ -257,7 +258,7 @@ def _block_sparse_forward_fake(q, k, v, kv_num, kv_idx, full_num, full_idx, q_nu
             q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32))
 
 
-@torch.library.custom_op("longattn::block_sparse_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::block_sparse_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def block_sparse_attention_backward(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor,
                                     k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                     kv_num: torch.Tensor, kv_idx: torch.Tensor, full_num: torch.Tensor,
@@ -294,7 +295,7 @@ def _block_sparse_backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * 20
 
 
-torch.library.register_autograd("longattn::block_sparse_attention_forward", _block_sparse_backward,
+register_autograd("longattn::block_sparse_attention_forward", _block_sparse_backward,
                                 setup_context=_block_sparse_setup_context)
 
 ATTENTION_OPS += [torch.ops.longattn.block_sparse_attention_forward.default,
@@ -325,7 +326,7 @@ from .linear_attention import forward_arrays as _linear_forward_arrays  # noqa: 
 from .linear_attention import split_state as _linear_split_state  # noqa: E402
 
 
-@torch.library.custom_op("longattn::linear_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::linear_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
                              initial_state: Optional[torch.Tensor], initial_z: Optional[torch.Tensor],
                              cu_seqlens: Optional[torch.Tensor], scale: float, feature_map: int, causal: bool,
@@ -352,7 +353,7 @@ def _linear_attention_forward_fake(q, k, v, log_decay, initial_state, initial_z,
     return v.new_empty(v.shape), q.new_empty(s_shape, dtype=cd), q.new_empty(z_shape, dtype=cd)
 
 
-@torch.library.custom_op("longattn::linear_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("longattn::linear_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def linear_attention_backward(dout: torch.Tensor, d_state: Optional[torch.Tensor], d_z: Optional[torch.Tensor],
                               q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
                               initial_state: Optional[torch.Tensor], initial_z: Optional[torch.Tensor],
@@ -404,11 +405,11 @@ def _linear_backward(ctx, dout, dS, dz):
             None, None)
 
 
-torch.library.register_autograd("longattn::linear_attention_forward", _linear_backward,
+register_autograd("longattn::linear_attention_forward", _linear_backward,
                                 setup_context=_linear_setup_context)
 
 
-@torch.library.custom_op("longattn::linear_attention_step_", mutates_args=("state", "z"), device_types=("cpu", "cuda"))
+@custom_op("longattn::linear_attention_step_", mutates_args=("state", "z"), device_types=("cpu", "cuda"))
 def linear_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
                            state: torch.Tensor, z: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                            scale: float, feature_map: int, normalize: bool) -> torch.Tensor:
