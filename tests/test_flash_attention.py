@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -1203,6 +1206,119 @@ def test_invalid_arguments_raise_an_error_naming_the_argument_and_write_nothing(
     assert re.search(pattern, str(info.value)), f"message does not match {pattern!r}: {info.value}"
     for x, x0 in zip(inputs, before):
         assert torch.equal(x, x0) if isinstance(x, torch.Tensor) else np.array_equal(x, x0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_short_query_calls_equal_the_same_rows_of_a_long_call_bitwise(dtype, rows):
+    """Calls whose key tiles are read by at most two (query head, query tile) visits (a
+    decoding step) pack each tile at its visit instead of packing K/V once for the call;
+    both ways give the same bits. Non-causal, so the rows of the long call see the same keys."""
+    rng = np.random.default_rng(rows)
+    q, k, v = (numpy_to_torch(rng.standard_normal(sh).astype(NP_DTYPES[dtype]))
+               for sh in ((2, 300, 2, 40), (2, 333, 2, 40), (2, 333, 2, 24)))
+    long_out, long_lse = longattn.flash_attention(q, k, v, return_lse=True, softcap=5.0)  # 5 query tiles
+    for start in (0, 64, 300 - rows):
+        out, lse = longattn.flash_attention(q[:, start:start + rows], k, v, return_lse=True, softcap=5.0)
+        assert torch.equal(out, long_out[:, start:start + rows])
+        assert torch.equal(lse, long_lse[:, :, start:start + rows])
+
+
+# ----------------------------------------------------------------------------
+# memory: never an Sq x Sk matrix
+# ----------------------------------------------------------------------------
+_PEAK_MEMORY_SCRIPT = r"""
+import os, sys
+import numpy as np
+import torch
+import longattn
+
+S, D, backward = int(sys.argv[1]), 64, sys.argv[2] == "backward"
+MiB = 1 << 20
+
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak():  # Linux >= 4.0: the high-water mark drops to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
+tiny = torch.zeros(1, 70, 1, D)  # warm-up: thread pool, kernels' code and buffers
+longattn.flash_attention(tiny, tiny, tiny, causal=True, return_lse=True)
+rng = np.random.default_rng(0)
+q, k, v = (torch.from_numpy(rng.standard_normal((1, S, 1, D), dtype=np.float32)) for _ in range(3))
+nbytes = S * D * 4  # one of q, k, v, out
+if backward:
+    for x in (q, k, v):
+        x.requires_grad_()
+    dout = torch.from_numpy(rng.standard_normal((1, S, 1, D), dtype=np.float32))
+    probe = torch.zeros(1, 70, 1, D, requires_grad=True)
+    longattn.flash_attention(probe, probe, probe, causal=True).sum().backward()
+base = rss()
+reset_peak()
+if backward:
+    out = longattn.flash_attention(q, k, v, causal=True)
+    out.backward(dout)
+    results = 4 * nbytes  # out, dq, dk, dv
+    checked = [out, q.grad, k.grad, v.grad]
+else:
+    out, lse = longattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    results = nbytes + S * 4  # out, lse
+    checked = [out, lse]
+rise = peak() - base  # before the checks' temporaries
+assert all(torch.isfinite(x).all() for x in checked)
+workspace = rise - results
+print(f"S={S} rise {rise / MiB:.1f} MiB = results {results / MiB:.1f} MiB + workspace {workspace / MiB:.1f} MiB")
+# O(S) workspace: at most two copies of q, k and v (packed tiles, float32 accumulators),
+# plus a fixed 32 MiB; one float32 Sq x Sk matrix would be S * S * 4 bytes.
+limit = 6 * nbytes + 32 * MiB
+assert workspace <= limit, f"workspace {workspace / MiB:.1f} MiB > {limit / MiB:.1f} MiB"
+"""
+
+
+def test_cpu_scratch_buffers_are_kept_up_to_the_limit_and_freed_on_request():
+    q = torch.randn(1, 4096, 2, 64)  # packed K/V: 2 heads x 32 tiles x 64 KiB = 4 MiB
+    limit = longattn.build_info()["cpu_cache_limit"]
+    try:
+        longattn.empty_cache()
+        assert longattn.cpu_cache_bytes() == 0
+        longattn.flash_attention(q, q, q)
+        assert longattn.cpu_cache_bytes() >= 4 << 20
+        held = longattn.cpu_cache_bytes()
+        longattn.flash_attention(q, q, q)  # reuses the kept buffer
+        assert longattn.cpu_cache_bytes() == held
+        longattn.empty_cache()
+        assert longattn.cpu_cache_bytes() == 0
+        longattn.set_cpu_cache_limit(0)
+        assert longattn.build_info()["cpu_cache_limit"] == 0
+        longattn.flash_attention(q, q, q)
+        assert longattn.cpu_cache_bytes() == 0
+        with pytest.raises(ValueError, match="nbytes"):
+            longattn.set_cpu_cache_limit(-1)
+    finally:
+        longattn.set_cpu_cache_limit(limit)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("S,which", [(131072, "forward"), (32768, "backward")])
+def test_causal_attention_at_long_lengths_needs_only_o_of_s_memory_on_cpu(S, which):
+    """The issue's check: B=1 H=1 D=64 S=131072 causal runs with peak memory within inputs,
+    outputs and O(S) workspace (a float32 Sq x Sk matrix would be 64 GiB); the backward at
+    S=32768 (4 GiB as a matrix) keeps O(S) too. Peak RSS of a fresh process, reset after
+    the inputs exist."""
+    r = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_SCRIPT, str(S), which],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    print(r.stdout)
 
 
 # ----------------------------------------------------------------------------

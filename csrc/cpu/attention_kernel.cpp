@@ -14,6 +14,7 @@
 
 #include "convert.h"
 #include "longattn/attention.h"
+#include "longattn/host_buffer.h"
 #include "longattn/parallel.h"
 #include "simd.h"
 
@@ -153,12 +154,8 @@ void finish_scores(const AttentionParams& p, const SeqHead& s, float slope, int6
   const int64_t j0 = visit.j0, cols = std::min(kBlockK, s.sk - j0);
   const bool masked = visit.masked;
   const int64_t off = s.sk - s.sq;
-  for (int64_t r = 0; r < kBlockQ; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {  // rows past `rows` are left as they are: callers ignore them
     C* row = S + r * kBlockK;
-    if (r >= rows) {
-      std::fill(row, row + kBlockK, neg_inf<C>());
-      continue;
-    }
     const int64_t i = i0 + r;
     if (p.softcap > 0.f) {
       const C cap = C(p.softcap), inv = C(1) / C(p.softcap);
@@ -224,42 +221,61 @@ template <typename C>
 struct PackedKV {
   int64_t dp, dvp, kt_elems, v_elems;
   std::vector<int64_t> base;  // per sequence: index of its first block (kv head 0)
-  std::vector<C> data;
+  HostBuffer data;              // every element is written by pack_kv: no zero fill
+  // Each key tile is read by (query heads per kv head) x (query tiles) visits. At most
+  // kStreamReuse of them (a decoding step, short queries) and packing every tile once into
+  // a sequence-long buffer costs more than packing it at each visit into scratch that
+  // stays in cache, so the forward does that instead and `data` stays empty.
+  static constexpr int64_t kStreamReuse = 2;
+  bool streamed;
 
-  PackedKV(const AttentionParams& p, bool with_rows)
+  PackedKV(const AttentionParams& p, int64_t q_tile)
       : dp(round_up(p.head_dim, gemm_col_align<C>())), dvp(round_up(p.head_dim_v, gemm_col_align<C>())),
         kt_elems(dp * kBlockK), v_elems(kBlockK * dvp), base(p.batch + 1, 0) {
-    (void)with_rows;
-    for (int64_t b = 0; b < p.batch; ++b) base[b + 1] = base[b] + p.heads_kv * nkb(p.seq_k(b));
-    data.resize(size_t(base[p.batch] * (kt_elems + v_elems)));
+    int64_t max_sq = 0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      base[b + 1] = base[b] + p.heads_kv * nkb(p.seq_k(b));
+      max_sq = std::max(max_sq, p.seq_q(b));
+    }
+    streamed = (p.heads / p.heads_kv) * ((max_sq + q_tile - 1) / q_tile) <= kStreamReuse;
+    if (!streamed) data = HostBuffer(size_t(base[p.batch] * (kt_elems + v_elems)) * sizeof(C));
   }
   static int64_t nkb(int64_t sk) { return (sk + kBlockK - 1) / kBlockK; }
   C* kt(int64_t b, int64_t hk, int64_t sk, int64_t kb) {
-    return data.data() + (base[b] + hk * nkb(sk) + kb) * (kt_elems + v_elems);
+    return data.as<C>() + (base[b] + hk * nkb(sk) + kb) * (kt_elems + v_elems);
   }
   C* v(int64_t b, int64_t hk, int64_t sk, int64_t kb) { return kt(b, hk, sk, kb) + kt_elems; }
 };
 
+// Packs key block kb of (sequence s, kv head hk): K^T (dp x kBlockK) into kt, V (kBlockK x
+// dvp) into v; `rows` is kBlockK x dp scratch.
+template <typename T, typename C>
+void pack_kv_tile(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t kb, int64_t dp, int64_t dvp, C* rows,
+                  C* kt, C* v) {
+  const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + (s.tk + j0) * p.k_stride[1] + hk * p.k_stride[2];
+  const T* vs = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + (s.tk + j0) * p.v_stride[1] + hk * p.v_stride[2];
+  pack_rows<T, C>(k, p.k_stride[1], cols, p.head_dim, C(1), rows, kBlockK, dp);
+  transpose<C>(rows, kBlockK, dp, dp, kt, kBlockK);
+  pack_rows<T, C>(vs, p.v_stride[1], cols, p.head_dim_v, C(1), v, kBlockK, dvp);
+}
+
 template <typename T, typename C>
 void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, std::vector<C>& rows) {
   const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
   rows.resize(size_t(kBlockK * kv.dp));
-  for (int64_t kb = 0, j0 = 0; j0 < s.sk; ++kb, j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, s.sk - j0);
-    pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, p.head_dim, C(1), rows.data(), kBlockK, kv.dp);
-    transpose<C>(rows.data(), kBlockK, kv.dp, kv.dp, kv.kt(b, hk, s.sk, kb), kBlockK);
-    pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, p.head_dim_v, C(1), kv.v(b, hk, s.sk, kb), kBlockK,
-                    kv.dvp);
-  }
+  for (int64_t kb = 0; kb * kBlockK < s.sk; ++kb)
+    pack_kv_tile<T, C>(p, s, hk, kb, kv.dp, kv.dvp, rows.data(), kv.kt(b, hk, s.sk, kb), kv.v(b, hk, s.sk, kb));
 }
 
 template <typename C>
 struct ForwardScratch {
   std::vector<C> q, s, o, m, l;
+  std::vector<C> rows, kt, v;  // one key tile, when K/V are packed per visit (PackedKV::streamed)
   Visits visits;
-  ForwardScratch(int64_t dp, int64_t dvp) : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ) {}
+  ForwardScratch(int64_t dp, int64_t dvp, bool streamed)
+      : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ),
+        rows(streamed ? kBlockK * dp : 0), kt(streamed ? dp * kBlockK : 0), v(streamed ? kBlockK * dvp : 0) {}
 };
 
 template <typename T, typename C>
@@ -277,9 +293,15 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   std::fill(w.l.begin(), w.l.end(), C(0));
 
   tile_visits(p, s, h, i0, rows, w.visits);
+  // Rows past `rows` are zero padding: the products skip them, down to the GEMM's row
+  // granularity (a decoding step with one query computes 4 rows, not kBlockQ).
+  const int64_t mrows = round_up(rows, kGemmRows);
   for (const Visit& visit : w.visits.list) {
     const int64_t kb = visit.j0 / kBlockK;
-    gemm<C>(kBlockQ, kBlockK, D, w.q.data(), dp, kv.kt(s.b, hk, s.sk, kb), kBlockK, w.s.data(), kBlockK);
+    const C* kt = kv.streamed ? w.kt.data() : kv.kt(s.b, hk, s.sk, kb);
+    const C* vt = kv.streamed ? w.v.data() : kv.v(s.b, hk, s.sk, kb);
+    if (kv.streamed) pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
+    gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
     finish_scores<C>(p, s, slope, i0, rows, visit, w.s.data(), nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
@@ -300,8 +322,8 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
         for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
       }
     }
-    for (int64_t r = rows; r < kBlockQ; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
-    gemm_acc<C>(kBlockQ, dvp, kBlockK, w.s.data(), kBlockK, kv.v(s.b, hk, s.sk, kb), dvp, w.o.data(), dvp);
+    for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
+    gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
   }
 
   T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
@@ -318,14 +340,15 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
 
 template <typename T, typename C>
 void forward(const AttentionParams& p) {
-  PackedKV<C> kv(p, false);
-  parallel_for(p.batch * p.heads_kv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<C> rows;
-    for (int64_t i = i0; i < i1; ++i) pack_kv<T, C>(p, kv, i / p.heads_kv, i % p.heads_kv, rows);
-  });
   const int64_t tq = query_tile(p), nqb = (p.seqlen_q + tq - 1) / tq;
+  PackedKV<C> kv(p, tq);
+  if (!kv.streamed)
+    parallel_for(p.batch * p.heads_kv, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<C> rows;
+      for (int64_t i = i0; i < i1; ++i) pack_kv<T, C>(p, kv, i / p.heads_kv, i % p.heads_kv, rows);
+    });
   parallel_for(p.batch * p.heads * nqb, 1, [&](int64_t item0, int64_t item1) {
-    ForwardScratch<C> w(kv.dp, kv.dvp);
+    ForwardScratch<C> w(kv.dp, kv.dvp, kv.streamed);
     for (int64_t item = item0; item < item1; ++item) {
       const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
       const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
@@ -366,7 +389,12 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   const int64_t dp = round_up(D, gemm_col_align<C>()), dvp = round_up(Dv, gemm_col_align<C>());
   const int64_t group = p.heads / p.heads_kv;
   const int64_t skp = round_up(s.sk, kBlockK) + kBlockK;
-  std::vector<C> dk_acc(skp * dp, C(0)), dv_acc(skp * dvp, C(0));
+  // The per-sequence buffers come from the host cache (long sequences: several MiB each).
+  HostBuffer dk_buf(size_t(skp * dp) * sizeof(C)), dv_buf(size_t(skp * dvp) * sizeof(C));
+  C* const dk_acc = dk_buf.as<C>();
+  C* const dv_acc = dv_buf.as<C>();
+  std::fill(dk_acc, dk_acc + skp * dp, C(0));
+  std::fill(dv_acc, dv_acc + skp * dvp, C(0));
   std::vector<C> qs(kBlockQ * dp), dout(kBlockQ * dvp), dq_acc(kBlockQ * dp);
   Visits visits;
   std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), orow(dvp), lse(kBlockQ),
@@ -376,15 +404,19 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   // Every key block of this kv head, packed once for all query heads and blocks: K rows
   // (for dQ = dS K), K^T (for S = Q K^T) and V^T (for dP = dO V^T).
   const int64_t nkb = (s.sk + kBlockK - 1) / kBlockK;
-  std::vector<C> kp(nkb * kBlockK * dp), kt(nkb * dp * kBlockK), vt(nkb * dvp * kBlockK);
+  HostBuffer kp_buf(size_t(nkb * kBlockK * dp) * sizeof(C)), kt_buf(size_t(nkb * dp * kBlockK) * sizeof(C)),
+      vt_buf(size_t(nkb * dvp * kBlockK) * sizeof(C));
+  C* const kp = kp_buf.as<C>();
+  C* const kt = kt_buf.as<C>();
+  C* const vt = vt_buf.as<C>();
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
-    C* kpb = kp.data() + kb * kBlockK * dp;
+    C* kpb = kp + kb * kBlockK * dp;
     pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, C(1), kpb, kBlockK, dp);
-    transpose<C>(kpb, kBlockK, dp, dp, kt.data() + kb * dp * kBlockK, kBlockK);
+    transpose<C>(kpb, kBlockK, dp, dp, kt + kb * dp * kBlockK, kBlockK);
     pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, C(1), vrows.data(),
                     kBlockK, dvp);
-    transpose<C>(vrows.data(), kBlockK, dvp, dvp, vt.data() + kb * dvp * kBlockK, kBlockK);
+    transpose<C>(vrows.data(), kBlockK, dvp, dvp, vt + kb * dvp * kBlockK, kBlockK);
   }
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -423,14 +455,14 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
       if constexpr (std::is_same<C, double>::value) {
         // The saved lse is float32 (the public format); float64 gradients need it exact, so
         // recompute it here with one extra pass over the scores.
-        if (any) exact_lse<C>(p, s, slope, i0, rows, visits, qs.data(), dp, kt.data(), S.data(), lse.data());
+        if (any) exact_lse<C>(p, s, slope, i0, rows, visits, qs.data(), dp, kt, S.data(), lse.data());
       }
       for (const Visit& visit : visits.list) {
         const int64_t j0 = visit.j0, cols = std::min(kBlockK, s.sk - j0);
         const int64_t kb = j0 / kBlockK;
-        const C* ktb = kt.data() + kb * dp * kBlockK;
-        const C* kpb = kp.data() + kb * kBlockK * dp;
-        const C* vtb = vt.data() + kb * dvp * kBlockK;
+        const C* ktb = kt + kb * dp * kBlockK;
+        const C* kpb = kp + kb * kBlockK * dp;
+        const C* vtb = vt + kb * dvp * kBlockK;
         gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
         finish_scores<C>(p, s, slope, i0, rows, visit, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
         for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
@@ -442,7 +474,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           exp_shifted_sum(row, kBlockK, lse[r]);
         }
         // dV += P^T dO (P read transposed in place)
-        gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc.data() + j0 * dvp, dvp);
+        gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc + j0 * dvp, dvp);
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
         gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
         for (int64_t r = 0; r < kBlockQ; ++r)
@@ -456,7 +488,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           }
         // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
         gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
-        gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc.data() + j0 * dp, dp);
+        gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc + j0 * dp, dp);
       }
       for (int64_t r = 0; r < rows; ++r) {
         C* row = dq_acc.data() + r * dp;
@@ -468,8 +500,8 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   T* dk = static_cast<T*>(g.dk) + b * g.dk_stride[0] + s.tk * g.dk_stride[1] + hk * g.dk_stride[2];
   T* dv = static_cast<T*>(g.dv) + b * g.dv_stride[0] + s.tk * g.dv_stride[1] + hk * g.dv_stride[2];
   for (int64_t j = 0; j < s.sk; ++j) {
-    store_row<T, C>(dk_acc.data() + j * dp, dk + j * g.dk_stride[1], D);
-    store_row<T, C>(dv_acc.data() + j * dvp, dv + j * g.dv_stride[1], Dv);
+    store_row<T, C>(dk_acc + j * dp, dk + j * g.dk_stride[1], D);
+    store_row<T, C>(dv_acc + j * dvp, dv + j * g.dv_stride[1], Dv);
   }
 }
 

@@ -16,6 +16,7 @@
 #include "longattn/attention.h"
 #include "longattn/cpu_isa.h"
 #include "longattn/errors.h"
+#include "longattn/host_buffer.h"
 #include "longattn/parallel.h"
 #include "longattn/rope.h"
 #include "longattn/tensor.h"
@@ -583,6 +584,7 @@ py::dict build_info() {
   py::dict d;
   d["cpu_isa"] = cpu_isa_name(cpu_isa());
   d["num_threads"] = num_threads();
+  d["cpu_cache_limit"] = host_cache_limit();
 #if defined(LONGATTN_WITH_CUDA)
   d["cuda_compiled"] = true;
   d["cuda_archs"] = std::string(LONGATTN_CUDA_ARCHS);
@@ -692,4 +694,11 @@ PYBIND11_MODULE(_C, m) {
     LONGATTN_CHECK_VALUE(n >= 1, checks::cat("set_num_threads: n must be >= 1, got ", n));
     set_num_threads(n);
   });
+  m.def("cpu_cache_bytes", [] { return host_cache_bytes(); });
+  m.def("cpu_cache_limit", [] { return host_cache_limit(); });
+  m.def("set_cpu_cache_limit", [](int64_t bytes) {
+    LONGATTN_CHECK_VALUE(bytes >= 0, checks::cat("set_cpu_cache_limit: nbytes must be >= 0, got ", bytes));
+    set_host_cache_limit(size_t(bytes));
+  });
+  m.def("empty_cache", [] { host_cache_release(); });
 }

@@ -15,7 +15,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"longattn: the compiled module is not usable: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"longattn {info.get('version', '?')}")
-    print(f"  CPU backend   {info.get('cpu_isa', '?')}, {info.get('num_threads', '?')} threads")
+    cache = info.get("cpu_cache_limit")
+    cache = f", scratch cache {cache >> 20} MiB" if isinstance(cache, int) else ""
+    print(f"  CPU backend   {info.get('cpu_isa', '?')}, {info.get('num_threads', '?')} threads{cache}")
     if info.get("cuda_compiled"):
         archs = ", ".join(info.get("cuda_archs") or []) or "?"
         runtime = info.get("cuda_runtime_version")
