@@ -227,6 +227,10 @@ struct PackedKV {
   // a sequence-long buffer costs more than packing it at each visit into scratch that
   // stays in cache, so the forward does that instead and `data` stays empty.
   static constexpr int64_t kStreamReuse = 2;
+  // Query tiles of at most kDirectRows rows (decoding) read K and V rows in place
+  // (direct_scores, direct_pv) and use no packed tile at all; when every tile is that
+  // short, nothing is packed.
+  static constexpr int64_t kDirectRows = kGemmRows;
   bool streamed;
 
   PackedKV(const AttentionParams& p, int64_t q_tile)
@@ -237,7 +241,8 @@ struct PackedKV {
       base[b + 1] = base[b] + p.heads_kv * nkb(p.seq_k(b));
       max_sq = std::max(max_sq, p.seq_q(b));
     }
-    streamed = (p.heads / p.heads_kv) * ((max_sq + q_tile - 1) / q_tile) <= kStreamReuse;
+    const int64_t group = p.heads / p.heads_kv;
+    streamed = group * ((max_sq + q_tile - 1) / q_tile) <= kStreamReuse || max_sq <= kDirectRows;
     if (!streamed) data = HostBuffer(size_t(base[p.batch] * (kt_elems + v_elems)) * sizeof(C));
   }
   static int64_t nkb(int64_t sk) { return (sk + kBlockK - 1) / kBlockK; }
@@ -271,12 +276,73 @@ void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, s
 template <typename C>
 struct ForwardScratch {
   std::vector<C> q, s, o, m, l;
-  std::vector<C> rows, kt, v;  // one key tile, when K/V are packed per visit (PackedKV::streamed)
+  std::vector<C> rows, kt, v;  // one key tile when K/V are packed per visit (PackedKV::streamed), else
+                               // one K and one V row (direct_scores, direct_pv)
   Visits visits;
   ForwardScratch(int64_t dp, int64_t dvp, bool streamed)
       : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ),
-        rows(streamed ? kBlockK * dp : 0), kt(streamed ? dp * kBlockK : 0), v(streamed ? kBlockK * dvp : 0) {}
+        rows(streamed ? kBlockK * dp : 0), kt(streamed ? dp * kBlockK : dp), v(streamed ? kBlockK * dvp : dvp) {}
 };
+
+template <typename C>
+inline C dot(const C* a, const C* b, int64_t n) {  // n a multiple of the vector width
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  V acc = V{};
+  for (int64_t i = 0; i < n; i += W) acc += vload(a + i) * vload(b + i);
+  return hsum<C>(acc);
+}
+
+// Rows of one head lie heads x D elements apart, often more than the hardware prefetcher
+// follows (it stops at page boundaries), so the direct loops ask for the row kPrefetchRows
+// ahead themselves. A prefetch past the end of the array is harmless (no fault).
+constexpr int64_t kPrefetchRows = 16;
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
+// S[r][c] = q_r . k_{j0 + c} for a tile of at most kDirectRows query rows, reading each key
+// row where it lies (converted into `kr`, dp long, zero tail): a decoding step reads each key
+// once, so packing it first (a copy and a transpose) would cost more than the dot products.
+template <typename T, typename C>
+void direct_scores(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j0, int64_t rows, const C* qs,
+                   int64_t dp, C* S, C* kr) {
+  const int64_t cols = std::min(kBlockK, s.sk - j0);
+  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + (s.tk + j0) * p.k_stride[1] + hk * p.k_stride[2];
+  // float / double rows of a whole number of vectors are read where they lie, no copy.
+  const bool in_place = std::is_same<T, C>::value && p.head_dim == dp;
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* row = k + c * p.k_stride[1];
+    prefetch_row(row + kPrefetchRows * p.k_stride[1], p.head_dim * int64_t(sizeof(T)));
+    const C* kc = in_place ? reinterpret_cast<const C*>(row) : kr;
+    if (!in_place) load_row<T, C>(row, kr, p.head_dim);
+    for (int64_t r = 0; r < rows; ++r) S[r * kBlockK + c] = dot(qs + r * dp, kc, dp);
+  }
+}
+
+// O[r] += sum_c P[r][c] v_{j0 + c}, V rows read in place (converted into `vr`, dvp long).
+template <typename T, typename C>
+void direct_pv(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j0, int64_t rows, const C* P,
+               int64_t dvp, C* O, C* vr) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  const int64_t cols = std::min(kBlockK, s.sk - j0);
+  const T* v = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + (s.tk + j0) * p.v_stride[1] + hk * p.v_stride[2];
+  const bool in_place = std::is_same<T, C>::value && p.head_dim_v == dvp;
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* row = v + c * p.v_stride[1];
+    prefetch_row(row + kPrefetchRows * p.v_stride[1], p.head_dim_v * int64_t(sizeof(T)));
+    const C* vc = in_place ? reinterpret_cast<const C*>(row) : vr;
+    if (!in_place) load_row<T, C>(row, vr, p.head_dim_v);
+    for (int64_t r = 0; r < rows; ++r) {
+      const C pc = P[r * kBlockK + c];
+      if (pc == C(0)) continue;
+      C* o = O + r * dvp;
+      for (int64_t d = 0; d < dvp; d += W) vstore(o + d, vload(o + d) + pc * vload(vc + d));
+    }
+  }
+}
 
 template <typename T, typename C>
 void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h, int64_t qb,
@@ -296,12 +362,21 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   // Rows past `rows` are zero padding: the products skip them, down to the GEMM's row
   // granularity (a decoding step with one query computes 4 rows, not kBlockQ).
   const int64_t mrows = round_up(rows, kGemmRows);
+  // Decided by the tile alone, so a sequence gets the same bits in a varlen batch as alone.
+  const bool direct = rows <= PackedKV<C>::kDirectRows;
+  if (direct) {  // zero tails of the row buffers (load_row writes the first D / Dv entries)
+    std::fill(w.kt.begin(), w.kt.begin() + dp, C(0));
+    std::fill(w.v.begin(), w.v.begin() + dvp, C(0));
+  }
   for (const Visit& visit : w.visits.list) {
     const int64_t kb = visit.j0 / kBlockK;
     const C* kt = kv.streamed ? w.kt.data() : kv.kt(s.b, hk, s.sk, kb);
     const C* vt = kv.streamed ? w.v.data() : kv.v(s.b, hk, s.sk, kb);
-    if (kv.streamed) pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
-    gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
+    if (direct)
+      direct_scores<T, C>(p, s, hk, visit.j0, rows, w.q.data(), dp, w.s.data(), w.kt.data());
+    else if (kv.streamed)
+      pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
+    if (!direct) gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
     finish_scores<C>(p, s, slope, i0, rows, visit, w.s.data(), nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
@@ -323,7 +398,10 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
       }
     }
     for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
-    gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
+    if (direct)
+      direct_pv<T, C>(p, s, hk, visit.j0, rows, w.s.data(), dvp, w.o.data(), w.v.data());
+    else
+      gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
   }
 
   T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];

@@ -107,6 +107,17 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const
   gemm_acc<C, false>(M, N, K, A, lda, B, ldb, Cm, ldc);
 }
 
+// Sum of the lanes, as a tree (log2 W dependent adds rather than W).
+template <typename C>
+inline C hsum(typename Vec<C>::type v) {
+  constexpr int W = Vec<C>::N;
+  C lanes[W];
+  std::memcpy(lanes, &v, sizeof(v));
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+}
+
 // max(init, x[0..n)) for n a multiple of the vector width.
 template <typename C>
 inline C row_max(const C* x, int64_t n, C init) {

@@ -15,6 +15,10 @@ FLOPs (for TFLOP/s) are those of the two matmuls of the forward, 4 * B * H * Sq 
 halved when causal; the backward counts 2.5 times the forward (five matmuls instead of
 two), so forward+backward is 3.5 times the forward. Both sides are divided by the same
 figure.
+
+A second entry, ``decode``, times one decoding step: one query per sequence against a long
+K/V (MHA and GQA), forward only, the same SDPA backends as the peer. It is bound by reading
+K and V, so it reports GB/s of that traffic (K, V, q and out, read or written once).
 """
 from __future__ import annotations
 
@@ -145,5 +149,71 @@ register(Entry(
          "on CUDA the flash and cuDNN backends, one row each",
     sweep="S",
     cases=_cases,
+    versions=_versions,
+))
+
+
+# Decoding: (B, H, Hkv, D) and the key lengths.
+_DECODE_TARGET = {"cpu": ((1, 8, 8, 64), (1, 8, 2, 64)), "cuda": ((8, 32, 32, 128), (8, 32, 8, 128))}
+_DECODE_SEQLENS = {
+    ("cpu", "default"): (4096, 16384),
+    ("cpu", "full"): (1024, 4096, 16384, 65536),
+    ("cuda", "default"): (4096, 16384, 65536),
+    ("cuda", "full"): (1024, 4096, 16384, 65536, 131072),
+}
+
+
+def _decode_setup(settings: Settings, B: int, Sk: int, H: int, Hkv: int, D: int) -> list[Workload]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    import longattn
+
+    dev, dtype = settings.device, settings.torch_dtype
+    gen = torch.Generator(device=dev).manual_seed(Sk)
+    q = torch.randn(B, 1, H, D, generator=gen, device=dev, dtype=dtype)
+    k, v = (torch.randn(B, Sk, Hkv, D, generator=gen, device=dev, dtype=dtype) for _ in range(2))
+    q_t, k_t, v_t = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+    def ours():
+        return longattn.flash_attention(q, k, v)
+
+    def peer(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=H != Hkv)
+
+        return run
+
+    def compare(ours_out, peer_out):
+        return compare_outputs((ours_out,), (peer_out.transpose(1, 2),), settings.dtype)
+
+    nbytes = (2 * B * Sk * Hkv * D + 2 * B * H * D) * q.element_size()
+    return [Workload("fwd" + suffix, ours, peer(backend), bytes=nbytes, flops=forward_flops(B, 1, Sk, H, D, False),
+                     compare=compare) for suffix, backend in _peers(dev)]
+
+
+def _decode_cases(settings: Settings) -> list[Case]:
+    if settings.size == "quick":
+        shapes = [(1, 256, 2, 2, 32), (1, 256, 4, 2, 32)]
+    else:
+        shapes = [(b, s, h, hkv, d) for b, h, hkv, d in _DECODE_TARGET[settings.device]
+                  for s in _DECODE_SEQLENS[(settings.device, settings.size)]]
+    return [
+        Case({"B": b, "Sk": s, "H": h, "Hkv": hkv, "D": d},
+             lambda b=b, s=s, h=h, hkv=hkv, d=d: _decode_setup(settings, b, s, h, hkv, d))
+        for b, s, h, hkv, d in shapes
+    ]
+
+
+register(Entry(
+    name="decode",
+    description="one decoding step: flash attention of one query per sequence over Sk keys (MHA and GQA), "
+                "forward; GB/s of the K/V traffic",
+    peer="torch scaled_dot_product_attention on (B, H, S, D) copies (enable_gqa for GQA): CPU flash kernel; "
+         "on CUDA the flash and cuDNN backends, one row each",
+    sweep="Sk",
+    cases=_decode_cases,
     versions=_versions,
 ))
