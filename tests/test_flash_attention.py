@@ -1233,6 +1233,26 @@ def test_short_query_calls_equal_the_same_rows_of_a_long_call(dtype, D, rows):
             assert not torch.equal(out.float(), torch.zeros_like(out.float()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("H,Hkv", [(8, 2), (16, 1), (6, 3)])
+@pytest.mark.parametrize("sq", [1, 3])
+def test_gqa_decoding_equals_mha_with_repeated_kv_bitwise(dtype, H, Hkv, sq):
+    """Decoding with GQA stacks the query heads of a group as rows of one tile so K/V rows
+    are read once per group; each row's arithmetic stays that of its head alone, so the
+    result has the bits of MHA over K/V repeated per head (per-head ALiBi slopes, softcap,
+    a window and the bottom-right causal diagonal included)."""
+    rng = np.random.default_rng(H * sq)
+    q, k, v = (numpy_to_torch(rng.standard_normal(sh).astype(NP_DTYPES[dtype]))
+               for sh in ((2, sq, H, 64), (2, 301, Hkv, 64), (2, 301, Hkv, 40)))
+    kw = dict(causal=True, window=(200, -1), softcap=8.0, return_lse=True,
+              alibi_slopes=torch.from_numpy(standard_alibi_slopes(H)))
+    out, lse = longattn.flash_attention(q, k, v, **kw)
+    rep = H // Hkv
+    ref_out, ref_lse = longattn.flash_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), **kw)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert torch.isfinite(out.float()).all() and out.float().abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------
 # memory: never an Sq x Sk matrix
 # ----------------------------------------------------------------------------

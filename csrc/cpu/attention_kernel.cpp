@@ -344,21 +344,27 @@ void direct_pv(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j
   }
 }
 
+// One query tile [i0, i0 + rows) of `nh` query heads h0, h0 + 1, ... of one kv head. nh > 1
+// only for direct tiles of a dense mask (decoding with GQA): the heads' rows are stacked
+// (row g * rows + r is query i0 + r of head h0 + g), so each K / V row is read once for
+// the group, and each row's arithmetic is that of the head alone.
 template <typename T, typename C>
-void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h, int64_t qb,
+void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h0, int64_t nh, int64_t qb,
                    ForwardScratch<C>& w) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
-  const int64_t hk = h / (p.heads / p.heads_kv);
-  const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0);
-  const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
-  const float slope = p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h] : 0.f;
-
-  pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data(), kBlockQ, dp);
+  const int64_t hk = h0 / (p.heads / p.heads_kv);
+  const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0), R = nh * rows;
+  auto slope = [&](int64_t g) { return p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h0 + g] : 0.f; };
+  for (int64_t g = 0; g < nh; ++g) {
+    const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] +
+                 (h0 + g) * p.q_stride[2];
+    pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data() + g * rows * dp, nh == 1 ? kBlockQ : rows, dp);
+  }
   std::fill(w.o.begin(), w.o.end(), C(0));
   std::fill(w.m.begin(), w.m.end(), neg_inf<C>());
   std::fill(w.l.begin(), w.l.end(), C(0));
 
-  tile_visits(p, s, h, i0, rows, w.visits);
+  tile_visits(p, s, h0, i0, rows, w.visits);
   // Rows past `rows` are zero padding: the products skip them, down to the GEMM's row
   // granularity (a decoding step with one query computes 4 rows, not kBlockQ).
   const int64_t mrows = round_up(rows, kGemmRows);
@@ -373,15 +379,16 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     const C* kt = kv.streamed ? w.kt.data() : kv.kt(s.b, hk, s.sk, kb);
     const C* vt = kv.streamed ? w.v.data() : kv.v(s.b, hk, s.sk, kb);
     if (direct)
-      direct_scores<T, C>(p, s, hk, visit.j0, rows, w.q.data(), dp, w.s.data(), w.kt.data());
+      direct_scores<T, C>(p, s, hk, visit.j0, R, w.q.data(), dp, w.s.data(), w.kt.data());
     else if (kv.streamed)
       pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
     if (!direct) gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
-    finish_scores<C>(p, s, slope, i0, rows, visit, w.s.data(), nullptr);
+    for (int64_t g = 0; g < nh; ++g)
+      finish_scores<C>(p, s, slope(g), i0, rows, visit, w.s.data() + g * rows * kBlockK, nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
     // exp(m_old - m_new) whenever the row maximum grows.
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       C* row = w.s.data() + r * kBlockK;
       const C mx = row_max<C>(row, kBlockK, w.m[r]);
       if (mx == neg_inf<C>()) {  // nothing visible yet in this row
@@ -397,23 +404,41 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
         for (int64_t d = 0; d < Dv; ++d) orow[d] *= alpha;
       }
     }
-    for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
-    if (direct)
-      direct_pv<T, C>(p, s, hk, visit.j0, rows, w.s.data(), dvp, w.o.data(), w.v.data());
-    else
+    if (direct) {
+      direct_pv<T, C>(p, s, hk, visit.j0, R, w.s.data(), dvp, w.o.data(), w.v.data());
+    } else {
+      for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
       gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
+    }
   }
 
-  T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
-  for (int64_t r = 0; r < rows; ++r) {
-    C* orow = w.o.data() + r * dvp;
-    const C inv = w.l[r] > C(0) ? C(1) / w.l[r] : C(0);
-    for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
-    store_row<T, C>(orow, out + r * p.out_stride[1], Dv);
-    if (p.lse)
-      p.lse[s.b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + i0 + r) * p.lse_stride[2]] =
-          w.l[r] > C(0) ? float(w.m[r] + std::log(w.l[r])) : -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < nh; ++g) {
+    const int64_t h = h0 + g;
+    T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t x = g * rows + r;
+      C* orow = w.o.data() + x * dvp;
+      const C inv = w.l[x] > C(0) ? C(1) / w.l[x] : C(0);
+      for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+      store_row<T, C>(orow, out + r * p.out_stride[1], Dv);
+      if (p.lse)
+        p.lse[s.b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + i0 + r) * p.lse_stride[2]] =
+            w.l[x] > C(0) ? float(w.m[x] + std::log(w.l[x])) : -std::numeric_limits<float>::infinity();
+    }
   }
+}
+
+// Query heads per forward work item: 1, or for decoding with GQA and a dense mask (every
+// tile direct) a divisor of the group of at most kBlockQ / kDirectRows heads, halved while
+// there are fewer items than threads.
+inline int64_t heads_per_item(const AttentionParams& p, int64_t max_sq) {
+  const int64_t group = p.heads / p.heads_kv;
+  if (p.sparse || max_sq > kGemmRows || group == 1) return 1;
+  int64_t nh = 1;
+  for (int64_t d = 1; d <= std::min<int64_t>(group, kBlockQ / kGemmRows); ++d)
+    if (group % d == 0) nh = d;
+  while (nh % 2 == 0 && p.batch * (p.heads / nh) < num_threads()) nh /= 2;
+  return nh;
 }
 
 template <typename T, typename C>
@@ -425,13 +450,16 @@ void forward(const AttentionParams& p) {
       std::vector<C> rows;
       for (int64_t i = i0; i < i1; ++i) pack_kv<T, C>(p, kv, i / p.heads_kv, i % p.heads_kv, rows);
     });
-  parallel_for(p.batch * p.heads * nqb, 1, [&](int64_t item0, int64_t item1) {
+  int64_t max_sq = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_sq = std::max(max_sq, p.seq_q(b));
+  const int64_t nh = heads_per_item(p, max_sq), nhi = p.heads / nh;
+  parallel_for(p.batch * nhi * nqb, 1, [&](int64_t item0, int64_t item1) {
     ForwardScratch<C> w(kv.dp, kv.dvp, kv.streamed);
     for (int64_t item = item0; item < item1; ++item) {
-      const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
+      const int64_t qb = item % nqb, h0 = (item / nqb) % nhi * nh, b = item / (nqb * nhi);
       const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
       if (qb * tq >= s.sq) continue;
-      forward_block<T, C>(p, kv, s, h, qb, w);
+      forward_block<T, C>(p, kv, s, h0, nh, qb, w);
     }
   });
 }
