@@ -452,8 +452,14 @@ void forward(const AttentionParams& p) {
     });
   int64_t max_sq = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_sq = std::max(max_sq, p.seq_q(b));
-  const int64_t nh = heads_per_item(p, max_sq), nhi = p.heads / nh;
-  parallel_for(p.batch * nhi * nqb, 1, [&](int64_t item0, int64_t item1) {
+  const int64_t nh = heads_per_item(p, max_sq), nhi = p.heads / nh, items = p.batch * nhi * nqb;
+  // A call of less than kSerialMacs multiply-adds (at most: masks only remove work) runs on
+  // the calling thread: handing chunks to a worker costs ~70 us on a 2-core VM (its
+  // wake-up), more than such a call's arithmetic (a decoding step over a few hundred keys).
+  constexpr double kSerialMacs = 1e6;
+  const double macs = double(p.batch) * double(p.heads) * double(max_sq) * double(p.seqlen_k) *
+                      double(p.head_dim + p.head_dim_v);
+  parallel_for(items, macs < kSerialMacs ? items : 1, [&](int64_t item0, int64_t item1) {
     ForwardScratch<C> w(kv.dp, kv.dvp, kv.streamed);
     for (int64_t item = item0; item < item1; ++item) {
       const int64_t qb = item % nqb, h0 = (item / nqb) % nhi * nh, b = item / (nqb * nhi);
