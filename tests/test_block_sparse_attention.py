@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import library as op_lib  # noqa: E402
 from hypothesis import given, strategies as st
 
 import longattn
@@ -139,7 +140,7 @@ def test_opcheck_and_compile_fullgraph():
     q, k, v = (torch.randn(1, 70, 2, 16, requires_grad=True) for _ in range(3))
     bm = masks.streaming(70, 70, sink_tokens=2, window=20, block_size=16)
     lists = [torch.from_numpy(np.array(x)) for x in block_sparse.schedule_lists(bm)]
-    torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
+    op_lib.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
                           (q, k, v, *lists, 16, 16, True, 19, 0, 2, 0.25, 0.0, False))
     f = torch.compile(lambda a, b, c: longattn.block_sparse_attention(a, b, c, bm), fullgraph=True,
                       backend="aot_eager")
@@ -205,7 +206,7 @@ def test_opcheck_with_bit_tiles():
     q, k, v = (torch.randn(1, 90, 2, 16, requires_grad=True) for _ in range(3))
     bm = masks.strided(90, 90, 11, block_size=32)
     lists = [torch.from_numpy(np.array(x)) for x in block_sparse.schedule_lists(bm)]
-    torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
+    op_lib.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
                           (q, k, v, *lists, 32, 32, False, -1, -1, 0, 0.25, 0.0, False))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from torch import library as op_lib  # noqa: E402
 
 import longattn  # noqa: E402
 from longattn import block_sparse, masks  # noqa: E402
@@ -210,7 +211,7 @@ def test_opcheck_and_compile_fullgraph_on_cuda():
     q, k, v = (rand(1, 200, 2, 64, dtype=torch.bfloat16, seed=i).requires_grad_() for i in range(3))
     bm = masks.streaming(200, 200, sink_tokens=2, window=50, block_size=64).to(DEV)
     lists = list(block_sparse.schedule_lists(bm))
-    torch.library.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
+    op_lib.opcheck(torch.ops.longattn.block_sparse_attention_forward.default,
                           (q, k, v, *lists, 64, 64, True, 49, 0, 2, 0.125, 0.0, False))
     f = torch.compile(lambda a, b, c: longattn.block_sparse_attention(a, b, c, bm), fullgraph=True,
                       backend="aot_eager")

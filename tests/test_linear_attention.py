@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import library as op_lib  # noqa: E402
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -504,9 +505,9 @@ def test_ops_are_registered_and_pass_opcheck():
     for args in [(q, k, v, g, S0, z0, None, 0.5, 1, True, True, 4), (q, k, v, None, None, None, None, 0.5, 0, False,
                                                                         False, 64)]:
         qq, kk, vv = (x.clone().requires_grad_() for x in args[:3])
-        torch.library.opcheck(f, (qq, kk, vv) + args[3:])
-        torch.library.opcheck(b, (torch.randn_like(v), torch.randn_like(S0), None) + args)
-    torch.library.opcheck(step, (q[:, :1], k[:, :1], v[:, :1], g[:, :1], S0.clone(), z0.clone(), None, 0.5, 1, True))
+        op_lib.opcheck(f, (qq, kk, vv) + args[3:])
+        op_lib.opcheck(b, (torch.randn_like(v), torch.randn_like(S0), None) + args)
+    op_lib.opcheck(step, (q[:, :1], k[:, :1], v[:, :1], g[:, :1], S0.clone(), z0.clone(), None, 0.5, 1, True))
 
 
 def _compile_model(q, k, v, g, S0):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from torch import library as op_lib  # noqa: E402
 
 import longattn  # noqa: E402
 from reference.linear_attention import linear_attention_reference, retnet_log_decay  # noqa: E402
@@ -218,9 +219,9 @@ def test_torch_ops_pass_opcheck_on_cuda():
     for args in [(q, k, v, g, S0, z0, None, 0.5, 1, True, True, 64),
                  (q, k, v, None, None, None, None, 0.5, 0, False, False, 64)]:
         qq, kk, vv = (x.clone().requires_grad_() for x in args[:3])
-        torch.library.opcheck(f, (qq, kk, vv) + args[3:])
-        torch.library.opcheck(b, (torch.randn_like(v), torch.randn_like(S0), None) + args)
-    torch.library.opcheck(step, (q[:, :1], k[:, :1], v[:, :1], g[:, :1], S0.clone(), z0.clone(), None, 0.5, 1, True))
+        op_lib.opcheck(f, (qq, kk, vv) + args[3:])
+        op_lib.opcheck(b, (torch.randn_like(v), torch.randn_like(S0), None) + args)
+    op_lib.opcheck(step, (q[:, :1], k[:, :1], v[:, :1], g[:, :1], S0.clone(), z0.clone(), None, 0.5, 1, True))
 
 
 @pytest.mark.cuda_only

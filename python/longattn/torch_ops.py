@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-from torch.library import custom_op, register_autograd
+from torch import library as op_lib
+
+custom_op, register_autograd = op_lib.custom_op, op_lib.register_autograd
 
 from . import rope as _rope
 
