@@ -252,14 +252,20 @@ struct PackedKV {
   C* v(int64_t b, int64_t hk, int64_t sk, int64_t kb) { return kt(b, hk, sk, kb) + kt_elems; }
 };
 
+// Row j of (sequence s, kv head hk) of a (batch, token, head, dim) key or value array.
+template <typename T>
+inline const T* kv_row(const void* base, const int64_t (&stride)[3], const SeqHead& s, int64_t hk, int64_t j) {
+  return static_cast<const T*>(base) + s.b * stride[0] + (s.tk + j) * stride[1] + hk * stride[2];
+}
+
 // Packs key block kb of (sequence s, kv head hk): K^T (dp x kBlockK) into kt, V (kBlockK x
 // dvp) into v; `rows` is kBlockK x dp scratch.
 template <typename T, typename C>
 void pack_kv_tile(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t kb, int64_t dp, int64_t dvp, C* rows,
                   C* kt, C* v) {
   const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
-  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + (s.tk + j0) * p.k_stride[1] + hk * p.k_stride[2];
-  const T* vs = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + (s.tk + j0) * p.v_stride[1] + hk * p.v_stride[2];
+  const T* k = kv_row<T>(p.k, p.k_stride, s, hk, j0);
+  const T* vs = kv_row<T>(p.v, p.v_stride, s, hk, j0);
   pack_rows<T, C>(k, p.k_stride[1], cols, p.head_dim, C(1), rows, kBlockK, dp);
   transpose<C>(rows, kBlockK, dp, dp, kt, kBlockK);
   pack_rows<T, C>(vs, p.v_stride[1], cols, p.head_dim_v, C(1), v, kBlockK, dvp);
@@ -302,6 +308,19 @@ inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
 }
 
+// `row` (n elements, `stride` apart from the next) as C values, n padded to np with the zero
+// tail of `buf`: the row itself for float / double rows of a whole number of vectors, else
+// its conversion into buf. Prefetches the row kPrefetchRows ahead.
+template <typename T, typename C>
+inline const C* read_row(const T* row, int64_t stride, int64_t n, int64_t np, C* buf) {
+  prefetch_row(row + kPrefetchRows * stride, n * int64_t(sizeof(T)));
+  if constexpr (std::is_same<T, C>::value) {
+    if (n == np) return row;
+  }
+  load_row<T, C>(row, buf, n);
+  return buf;
+}
+
 // S[r][c] = q_r . k_{j0 + c} for a tile of at most kDirectRows query rows, reading each key
 // row where it lies (converted into `kr`, dp long, zero tail): a decoding step reads each key
 // once, so packing it first (a copy and a transpose) would cost more than the dot products.
@@ -309,14 +328,9 @@ template <typename T, typename C>
 void direct_scores(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j0, int64_t rows, const C* qs,
                    int64_t dp, C* S, C* kr) {
   const int64_t cols = std::min(kBlockK, s.sk - j0);
-  const T* k = static_cast<const T*>(p.k) + s.b * p.k_stride[0] + (s.tk + j0) * p.k_stride[1] + hk * p.k_stride[2];
-  // float / double rows of a whole number of vectors are read where they lie, no copy.
-  const bool in_place = std::is_same<T, C>::value && p.head_dim == dp;
+  const T* k = kv_row<T>(p.k, p.k_stride, s, hk, j0);
   for (int64_t c = 0; c < cols; ++c) {
-    const T* row = k + c * p.k_stride[1];
-    prefetch_row(row + kPrefetchRows * p.k_stride[1], p.head_dim * int64_t(sizeof(T)));
-    const C* kc = in_place ? reinterpret_cast<const C*>(row) : kr;
-    if (!in_place) load_row<T, C>(row, kr, p.head_dim);
+    const C* kc = read_row<T, C>(k + c * p.k_stride[1], p.k_stride[1], p.head_dim, dp, kr);
     for (int64_t r = 0; r < rows; ++r) S[r * kBlockK + c] = dot(qs + r * dp, kc, dp);
   }
 }
@@ -328,13 +342,9 @@ void direct_pv(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
   const int64_t cols = std::min(kBlockK, s.sk - j0);
-  const T* v = static_cast<const T*>(p.v) + s.b * p.v_stride[0] + (s.tk + j0) * p.v_stride[1] + hk * p.v_stride[2];
-  const bool in_place = std::is_same<T, C>::value && p.head_dim_v == dvp;
+  const T* v = kv_row<T>(p.v, p.v_stride, s, hk, j0);
   for (int64_t c = 0; c < cols; ++c) {
-    const T* row = v + c * p.v_stride[1];
-    prefetch_row(row + kPrefetchRows * p.v_stride[1], p.head_dim_v * int64_t(sizeof(T)));
-    const C* vc = in_place ? reinterpret_cast<const C*>(row) : vr;
-    if (!in_place) load_row<T, C>(row, vr, p.head_dim_v);
+    const C* vc = read_row<T, C>(v + c * p.v_stride[1], p.v_stride[1], p.head_dim_v, dvp, vr);
     for (int64_t r = 0; r < rows; ++r) {
       const C pc = P[r * kBlockK + c];
       if (pc == C(0)) continue;
