@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 
 import longattn
 from longattn import block_sparse, masks
+from longattn import torch_ops  # noqa: E402,F401  (registers torch.ops.longattn.*)
 from reference.attention import (assert_close_by_rule, assert_lse_matches, attention_reference,
                                  naive_attention_low_precision)
 

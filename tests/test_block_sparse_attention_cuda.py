@@ -20,6 +20,7 @@ from torch import library as op_lib  # noqa: E402
 
 import longattn  # noqa: E402
 from longattn import block_sparse, masks  # noqa: E402
+from longattn import torch_ops  # noqa: E402,F401  (registers torch.ops.longattn.*)
 from reference.attention import assert_close_by_rule, assert_lse_matches  # noqa: E402
 
 pytestmark = pytest.mark.cuda
