@@ -1,10 +1,27 @@
 #include "longattn/cpu_isa.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace longattn {
+
+namespace {
+
+// LONGATTN_CPU_ISA=avx2 or baseline caps the level the kernels dispatch to (for testing the
+// narrower kernels on a wider CPU); other values, and levels the CPU lacks, are ignored.
+CpuIsa cap_from_env(CpuIsa detected) {
+  const char* env = std::getenv("LONGATTN_CPU_ISA");
+  if (!env) return detected;
+  const std::string v(env);
+  const CpuIsa cap = v == "baseline" ? CpuIsa::Baseline : v == "avx2" ? CpuIsa::AVX2 : CpuIsa::AVX512;
+  return int(cap) < int(detected) ? cap : detected;
+}
+
+}  // namespace
 
 CpuIsa cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const CpuIsa isa = [] {
+  static const CpuIsa isa = cap_from_env([] {
     __builtin_cpu_init();
 #if defined(LONGATTN_HAVE_AVX512)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -16,7 +33,7 @@ CpuIsa cpu_isa() {
       return CpuIsa::AVX2;
 #endif
     return CpuIsa::Baseline;
-  }();
+  }());
   return isa;
 #else
   return CpuIsa::Baseline;
