@@ -1215,9 +1215,9 @@ def test_invalid_arguments_raise_an_error_naming_the_argument_and_write_nothing(
 def test_short_query_calls_equal_the_same_rows_of_a_long_call(dtype, D, rows):
     """The CPU forward reads K/V three ways: packed once per call (long queries), packed per
     visit when each key tile serves at most two (query head, query tile) visits, and read in
-    place, row by row, for query tiles of at most 4 rows (decoding).
-    The packed ways give the same bits; the in-place one sums each score in another order,
-    so it agrees to rounding. Non-causal: the long call's rows see the same keys."""
+    place for query tiles of at most 4 rows (decoding; over 1024 keys or more also split
+    into key ranges that are merged). The packed ways give the same bits; the in-place one
+    sums each score in another order, so it agrees to rounding. Non-causal: the long call's rows see the same keys."""
     rng = np.random.default_rng(rows * D)
     q, k, v = (numpy_to_torch(rng.standard_normal(sh).astype(NP_DTYPES[dtype]))
                for sh in ((2, 300, 4, D), (2, 333, 2, D), (2, 333, 2, 24)))
@@ -1252,6 +1252,44 @@ def test_gqa_decoding_equals_mha_with_repeated_kv_bitwise(dtype, H, Hkv, sq):
     ref_out, ref_lse = longattn.flash_attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), **kw)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     assert torch.isfinite(out.float()).all() and out.float().abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sk", [1100, 1300, 5000])
+def test_decoding_over_many_keys_merges_its_key_ranges_exactly(dtype, sk):
+    """A decoding call over at least 1024 keys computes ranges of each sequence's keys as
+    separate work items and merges their partial results (split-KV). Checked against the
+    float64 reference, including a window that leaves whole ranges without a visible key.
+    The ranges depend on the sequence's length alone, so its bits do not change with the
+    batch around it or with the number of threads."""
+    rng = np.random.default_rng(sk)
+    H, Hkv, sq = 8, 2, 2
+    q, k, v = (numpy_to_torch(rng.standard_normal(sh).astype(NP_DTYPES[dtype]))
+               for sh in ((1, sq, H, 64), (1, sk, Hkv, 64), (1, sk, Hkv, 40)))
+    slopes = torch.from_numpy(standard_alibi_slopes(H))
+    for kw in (dict(), dict(causal=True, window=(100, -1)), dict(softcap=5.0, alibi_slopes=slopes)):
+        out, lse = longattn.flash_attention(q, k, v, return_lse=True, **kw)
+        ref_out, ref_lse = attention_reference(q, k, v, **kw)
+        naive_out, naive_lse = naive_attention_low_precision(q, k, v, **kw)
+        assert_close_by_rule(out, ref_out, naive_out, what=f"out {kw}")
+        assert_lse_matches(lse, ref_lse, naive_lse)
+
+        # The same sequence in a varlen batch beside a short and a long one, and on one thread.
+        short, long_ = 37, 2 * sk - 1
+        ks = [k[0, :short], k[0], torch.cat([k[0], k[0]])[:long_]]
+        vs = [v[0, :short], v[0], torch.cat([v[0], v[0]])[:long_]]
+        cu_k = torch.tensor([0, short, short + sk, short + sk + long_], dtype=torch.int32)
+        cu_q = torch.tensor([0, sq, 2 * sq, 3 * sq], dtype=torch.int32)
+        packed = longattn.flash_attention_varlen(torch.cat([q[0]] * 3), torch.cat(ks), torch.cat(vs), cu_q, cu_k,
+                                                 return_lse=True, **kw)
+        assert torch.equal(packed[0][sq:2 * sq], out[0]) and torch.equal(packed[1][:, sq:2 * sq], lse[0])
+        threads = longattn.num_threads()
+        longattn.set_num_threads(1)
+        try:
+            alone = longattn.flash_attention(q, k, v, return_lse=True, **kw)
+        finally:
+            longattn.set_num_threads(threads)
+        assert torch.equal(alone[0], out) and torch.equal(alone[1], lse)
 
 
 # ----------------------------------------------------------------------------

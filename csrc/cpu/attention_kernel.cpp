@@ -232,6 +232,8 @@ struct PackedKV {
   // short, nothing is packed.
   static constexpr int64_t kDirectRows = kGemmRows;
   bool streamed;
+  bool all_direct;  // every query tile has at most kDirectRows rows
+  bool prefetch = false;  // direct tiles prefetch K / V rows (set by forward: kPrefetchMinBytes)
 
   PackedKV(const AttentionParams& p, int64_t q_tile)
       : dp(round_up(p.head_dim, gemm_col_align<C>())), dvp(round_up(p.head_dim_v, gemm_col_align<C>())),
@@ -242,7 +244,8 @@ struct PackedKV {
       max_sq = std::max(max_sq, p.seq_q(b));
     }
     const int64_t group = p.heads / p.heads_kv;
-    streamed = group * ((max_sq + q_tile - 1) / q_tile) <= kStreamReuse || max_sq <= kDirectRows;
+    all_direct = max_sq <= kDirectRows;
+    streamed = group * ((max_sq + q_tile - 1) / q_tile) <= kStreamReuse || all_direct;
     if (!streamed) data = HostBuffer(size_t(base[p.batch] * (kt_elems + v_elems)) * sizeof(C));
   }
   static int64_t nkb(int64_t sk) { return (sk + kBlockK - 1) / kBlockK; }
@@ -279,119 +282,231 @@ void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, s
     pack_kv_tile<T, C>(p, s, hk, kb, kv.dp, kv.dvp, rows.data(), kv.kt(b, hk, s.sk, kb), kv.v(b, hk, s.sk, kb));
 }
 
+// Direct tiles (decoding) handle keys in groups of kDirectGroup: the score pass takes W of
+// them per transpose_sum, the P.V pass accumulates 32 keys per load and store of each
+// output chunk (their V rows, at most 32 KiB, stay in L1).
+constexpr int64_t kDirectGroup = 32;
+
+// Per-thread forward scratch, kept across calls (thread_local): a decoding step is a few
+// microseconds of work per head, and allocating and zeroing ~100 KiB of tiles per call cost
+// as much. Nothing relies on its contents: every buffer is written before it is read, and
+// `zero` is never written.
 template <typename C>
 struct ForwardScratch {
   std::vector<C> q, s, o, m, l;
-  std::vector<C> rows, kt, v;  // one key tile when K/V are packed per visit (PackedKV::streamed), else
-                               // one K and one V row (direct_scores, direct_pv)
+  // Packed per visit (PackedKV::streamed): one key tile. Direct tiles: the K and V rows of one
+  // tile converted to C (kBlockK x dp / dvp), only for rows that cannot be read in place.
+  std::vector<C> rows, kt, v;
+  std::vector<const C*> krows, vrows;  // direct tiles: kBlockK row pointers per kv head of the item
+  std::vector<C> zero;                 // direct tiles: a zero row (padding keys)
   Visits visits;
-  ForwardScratch(int64_t dp, int64_t dvp, bool streamed)
-      : q(kBlockQ * dp), s(kBlockQ * kBlockK), o(kBlockQ * dvp), m(kBlockQ), l(kBlockQ),
-        rows(streamed ? kBlockK * dp : 0), kt(streamed ? dp * kBlockK : dp), v(streamed ? kBlockK * dvp : dvp) {}
+
+  // nkv: kv heads per work item (direct tiles of a decoding call may stack several).
+  static ForwardScratch& get(int64_t dp, int64_t dvp, bool packs, bool k_copy, bool v_copy, int64_t nkv) {
+    thread_local ForwardScratch w;
+    grow(w.q, kBlockQ * dp), grow(w.s, kBlockQ * kBlockK), grow(w.o, kBlockQ * dvp);
+    grow(w.m, kBlockQ), grow(w.l, kBlockQ), grow(w.zero, std::max(dp, dvp));
+    grow(w.krows, nkv * kBlockK), grow(w.vrows, nkv * kBlockK);
+    if (packs) grow(w.rows, kBlockK * dp);
+    grow(w.kt, std::max(packs ? dp * kBlockK : 0, k_copy ? nkv * kBlockK * dp : 0));
+    grow(w.v, std::max(packs ? kBlockK * dvp : 0, v_copy ? nkv * kBlockK * dvp : 0));
+    return w;
+  }
+
+ private:
+  template <typename X>
+  static void grow(std::vector<X>& x, int64_t n) {
+    if (int64_t(x.size()) < n) x.resize(size_t(n));
+  }
 };
 
-template <typename C>
-inline C dot(const C* a, const C* b, int64_t n) {  // n a multiple of the vector width
-  using V = typename Vec<C>::type;
-  constexpr int W = Vec<C>::N;
-  V acc = V{};
-  for (int64_t i = 0; i < n; i += W) acc += vload(a + i) * vload(b + i);
-  return hsum<C>(acc);
+// Whether rows of n elements of T must be converted to be read as C rows of np elements.
+template <typename T, typename C>
+constexpr bool row_copy(int64_t n, int64_t np) {
+  return !std::is_same<T, C>::value || n != np;
 }
 
-// Rows of one head lie heads x D elements apart, often more than the hardware prefetcher
-// follows (it stops at page boundaries), so the direct loops ask for the row kPrefetchRows
-// ahead themselves. A prefetch past the end of the array is harmless (no fault).
-constexpr int64_t kPrefetchRows = 16;
-inline void prefetch_row(const void* p, int64_t bytes) {
+// Row pointers of keys [j0, j0 + cols) of (sequence s, kv head hk) of a K or V array, as C
+// rows of np elements with a zero tail: the rows where they lie when they are C rows of a
+// whole number of vectors, else their conversion into buf (kBlockK x np). Pointers from
+// cols up to the next multiple of kDirectGroup point at `zero`.
+template <typename T, typename C>
+void direct_rows(const void* base, const int64_t (&stride)[3], const SeqHead& s, int64_t hk, int64_t j0, int64_t n,
+                 int64_t np, C* buf, const C* zero, const C** rows) {
+  const int64_t cols = std::min(kBlockK, s.sk - j0);
+  const T* r0 = kv_row<T>(base, stride, s, hk, j0);
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* r = r0 + c * stride[1];
+    if constexpr (std::is_same<T, C>::value) {
+      if (n == np) {
+        rows[c] = reinterpret_cast<const C*>(r);
+        continue;
+      }
+    }
+    C* d = buf + c * np;
+    load_row<T, C>(r, d, n);
+    std::fill(d + n, d + np, C(0));
+    rows[c] = d;
+  }
+  for (int64_t c = cols; c < round_up(cols, kDirectGroup); ++c) rows[c] = zero;
+}
+
+// When a work item reads a small part of each token's K / V rows (one head of many: rows
+// of one head lie heads x D elements apart), the hardware prefetcher, which stops at page
+// boundaries, does not follow, so the score pass asks for the key rows kPrefetchRows ahead,
+// and for the value rows of the keys it scores (read by the P.V pass after the softmax),
+// itself. Measured at B = 1, H = 8, D = 64 with one head per item: ~2.7x at S = 16384
+// (64 MiB of K/V) on a 2-core AMD EPYC; on a 2-core Intel Xeon whose L2 holds 2 MiB the
+// prefetches cost 10-20% while K/V fit in its caches (S <= 4096) and are neutral at
+// S = 16384. Items that read whole token rows (all kv heads, or (B, H, S, D)-strided
+// input) stream in memory order, and prefetching them cost ~15% at S = 16384 on the
+// Xeon. So prefetches are issued only when the call's K/V exceed kPrefetchMinBytes and
+// an item reads less than half of each token's row. A prefetch past the end of the array
+// is harmless (no fault).
+constexpr int64_t kPrefetchRows = 32;
+constexpr double kPrefetchMinBytes = 16.0 * (1 << 20);
+inline void prefetch_rows(const void* p, int64_t stride_bytes, int64_t count, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  for (int64_t r = 0; r < count; ++r, c += stride_bytes)
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
 }
 
-// `row` (n elements, `stride` apart from the next) as C values, n padded to np with the zero
-// tail of `buf`: the row itself for float / double rows of a whole number of vectors, else
-// its conversion into buf. Prefetches the row kPrefetchRows ahead.
+// S[r][c] = q_r . k_c for the R (<= kBlockQ) query rows of a direct tile and its keys:
+// rows [i rpk, (i + 1) rpk) belong to kv head hk + i, whose row pointers (direct_rows) are
+// krows[i kBlockK ...]. W keys at a time, W vector accumulators summed by one
+// transpose_sum; the keys of a group are scored for every row (every head of the item)
+// before the next group, so a decoding step over all heads reads K in memory order.
+// Entries past `cols` (up to the group) are scores against zero rows; finish_scores masks
+// them.
 template <typename T, typename C>
-inline const C* read_row(const T* row, int64_t stride, int64_t n, int64_t np, C* buf) {
-  prefetch_row(row + kPrefetchRows * stride, n * int64_t(sizeof(T)));
-  if constexpr (std::is_same<T, C>::value) {
-    if (n == np) return row;
-  }
-  load_row<T, C>(row, buf, n);
-  return buf;
-}
-
-// S[r][c] = q_r . k_{j0 + c} for a tile of at most kDirectRows query rows, reading each key
-// row where it lies (converted into `kr`, dp long, zero tail): a decoding step reads each key
-// once, so packing it first (a copy and a transpose) would cost more than the dot products.
-template <typename T, typename C>
-void direct_scores(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j0, int64_t rows, const C* qs,
-                   int64_t dp, C* S, C* kr) {
-  const int64_t cols = std::min(kBlockK, s.sk - j0);
-  const T* k = kv_row<T>(p.k, p.k_stride, s, hk, j0);
-  for (int64_t c = 0; c < cols; ++c) {
-    const C* kc = read_row<T, C>(k + c * p.k_stride[1], p.k_stride[1], p.head_dim, dp, kr);
-    for (int64_t r = 0; r < rows; ++r) S[r * kBlockK + c] = dot(qs + r * dp, kc, dp);
-  }
-}
-
-// O[r] += sum_c P[r][c] v_{j0 + c}, V rows read in place (converted into `vr`, dvp long).
-template <typename T, typename C>
-void direct_pv(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t j0, int64_t rows, const C* P,
-               int64_t dvp, C* O, C* vr) {
+void direct_scores(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t nkv, int64_t j0, int64_t R,
+                   int64_t rpk, const C* qs, int64_t dp, const C* const* krows, C* S, bool prefetch) {
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
   const int64_t cols = std::min(kBlockK, s.sk - j0);
-  const T* v = kv_row<T>(p.v, p.v_stride, s, hk, j0);
-  for (int64_t c = 0; c < cols; ++c) {
-    const C* vc = read_row<T, C>(v + c * p.v_stride[1], p.v_stride[1], p.head_dim_v, dvp, vr);
-    for (int64_t r = 0; r < rows; ++r) {
-      const C pc = P[r * kBlockK + c];
-      if (pc == C(0)) continue;
-      C* o = O + r * dvp;
-      for (int64_t d = 0; d < dvp; d += W) vstore(o + d, vload(o + d) + pc * vload(vc + d));
+  const char* kraw = reinterpret_cast<const char*>(kv_row<T>(p.k, p.k_stride, s, hk, j0));
+  const char* vraw = reinterpret_cast<const char*>(kv_row<T>(p.v, p.v_stride, s, hk, j0));
+  const int64_t ks = p.k_stride[1] * int64_t(sizeof(T)), vs = p.v_stride[1] * int64_t(sizeof(T));
+  const int64_t khs = p.k_stride[2] * int64_t(sizeof(T)), vhs = p.v_stride[2] * int64_t(sizeof(T));
+  for (int64_t c0 = 0; c0 < cols; c0 += W) {
+    if (prefetch)
+      for (int64_t i = 0; i < nkv; ++i) {
+        prefetch_rows(kraw + i * khs + (c0 + kPrefetchRows) * ks, ks, W, p.head_dim * int64_t(sizeof(T)));
+        prefetch_rows(vraw + i * vhs + c0 * vs, vs, std::min<int64_t>(W, cols - c0),
+                      p.head_dim_v * int64_t(sizeof(T)));
+      }
+    for (int64_t r = 0; r < R; ++r) {
+      const C* q = qs + r * dp;
+      const C* const* kr = krows + (r / rpk) * kBlockK + c0;
+      V acc[W];
+      for (int c = 0; c < W; ++c) acc[c] = V{};
+      for (int64_t d = 0; d < dp; d += W) {
+        const V qv = vload(q + d);
+#pragma GCC unroll 16
+        for (int c = 0; c < W; ++c) acc[c] += qv * vload(kr[c] + d);
+      }
+      vstore(S + r * kBlockK + c0, transpose_sum<C>(acc));
     }
   }
 }
 
-// One query tile [i0, i0 + rows) of `nh` query heads h0, h0 + 1, ... of one kv head. nh > 1
-// only for direct tiles of a dense mask (decoding with GQA): the heads' rows are stacked
-// (row g * rows + r is query i0 + r of head h0 + g), so each K / V row is read once for
-// the group, and each row's arithmetic is that of the head alone.
+// o[d0, d0 + NV W) += sum_c p[c] v_c[...] over n keys (n even), with two sets of
+// accumulators (even and odd keys) so 2 NV multiply-adds are independent.
+template <typename C, int NV>
+inline void pv_chunk(const C* const* vrows, const C* pr, int64_t n, int64_t d0, C* o) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  V a[NV], b[NV];
+  for (int i = 0; i < NV; ++i) a[i] = vload(o + d0 + i * W), b[i] = V{};
+  for (int64_t c = 0; c < n; c += 2) {
+    const V p0 = V{} + pr[c], p1 = V{} + pr[c + 1];
+    const C* v0 = vrows[c] + d0;
+    const C* v1 = vrows[c + 1] + d0;
+    for (int i = 0; i < NV; ++i) {
+      a[i] += p0 * vload(v0 + i * W);
+      b[i] += p1 * vload(v1 + i * W);
+    }
+  }
+  for (int i = 0; i < NV; ++i) vstore(o + d0 + i * W, a[i] + b[i]);
+}
+
+// O[r] += sum_c P[r][c] v_c for the R rows of a direct tile (rows grouped by kv head as in
+// direct_scores, vrows from direct_rows, dvp a multiple of 4 W), kDirectGroup keys per pass
+// over each output row; a row whose probabilities in a group are all 0 (masked) skips it.
+template <typename C>
+void direct_pv(int64_t cols, int64_t R, int64_t rpk, const C* P, int64_t dvp, const C* const* vrows, C* O) {
+  constexpr int W = Vec<C>::N;
+  for (int64_t c0 = 0; c0 < cols; c0 += kDirectGroup) {
+    for (int64_t r = 0; r < R; ++r) {
+      const C* pr = P + r * kBlockK + c0;
+      bool any = false;
+      for (int64_t c = 0; c < kDirectGroup; ++c) any |= pr[c] != C(0);
+      if (!any) continue;
+      C* o = O + r * dvp;
+      const C* const* vr = vrows + (r / rpk) * kBlockK + c0;
+      for (int64_t d0 = 0; d0 < dvp; d0 += 4 * W) pv_chunk<C, 4>(vr, pr, kDirectGroup, d0, o);
+    }
+  }
+}
+
+// A key range [begin, end) (multiples of kBlockK) of a decoding call split over its keys:
+// forward_block then leaves the unnormalized output rows and their running max and sum in
+// o (R rows of dvp), m and l (R each), for merge_splits.
+template <typename C>
+struct KeySplit {
+  int64_t begin, end;
+  C *o, *m, *l;
+};
+
+// One query tile [i0, i0 + rows) of `nh` query heads h0, h0 + 1, .... nh > 1 only for
+// decoding calls (every tile direct) with a dense mask: the heads' rows are stacked (row
+// g * rows + r is query i0 + r of head h0 + g), nh either a divisor of the GQA group (each
+// K / V row is read once for the group) or a multiple of it (the item spans nh / group kv
+// heads and reads their rows together, in memory order). Each row's arithmetic is that of
+// its head alone. `split` (decoding calls over many keys) restricts the keys and leaves
+// partial results for merge_splits.
 template <typename T, typename C>
 void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h0, int64_t nh, int64_t qb,
-                   ForwardScratch<C>& w) {
+                   ForwardScratch<C>& w, const KeySplit<C>* split = nullptr) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
-  const int64_t hk = h0 / (p.heads / p.heads_kv);
+  const int64_t group = p.heads / p.heads_kv, hk = h0 / group, nkv = std::max<int64_t>(1, nh / group);
   const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0), R = nh * rows;
   auto slope = [&](int64_t g) { return p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h0 + g] : 0.f; };
-  for (int64_t g = 0; g < nh; ++g) {
-    const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] +
-                 (h0 + g) * p.q_stride[2];
-    pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data() + g * rows * dp, nh == 1 ? kBlockQ : rows, dp);
-  }
-  std::fill(w.o.begin(), w.o.end(), C(0));
-  std::fill(w.m.begin(), w.m.end(), neg_inf<C>());
-  std::fill(w.l.begin(), w.l.end(), C(0));
-
-  tile_visits(p, s, h0, i0, rows, w.visits);
   // Rows past `rows` are zero padding: the products skip them, down to the GEMM's row
-  // granularity (a decoding step with one query computes 4 rows, not kBlockQ).
+  // granularity (a decoding step with one query computes 4 rows, not kBlockQ); direct
+  // tiles compute their rows alone.
   const int64_t mrows = round_up(rows, kGemmRows);
   // Decided by the tile alone, so a sequence gets the same bits in a varlen batch as alone.
   const bool direct = rows <= PackedKV<C>::kDirectRows;
-  if (direct) {  // zero tails of the row buffers (load_row writes the first D / Dv entries)
-    std::fill(w.kt.begin(), w.kt.begin() + dp, C(0));
-    std::fill(w.v.begin(), w.v.begin() + dvp, C(0));
+  const int64_t qrows = direct ? rows : mrows, R_pad = direct ? R : mrows;
+  const int64_t rpk = std::min(nh, group) * rows;  // stacked rows per kv head
+  const bool prefetch = kv.prefetch && p.k_stride[1] > 2 * nkv * D;  // (kPrefetchMinBytes)
+  for (int64_t g = 0; g < nh; ++g) {
+    const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] +
+                 (h0 + g) * p.q_stride[2];
+    pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data() + g * rows * dp, qrows, dp);
   }
+  std::fill(w.o.begin(), w.o.begin() + R_pad * dvp, C(0));
+  std::fill(w.m.begin(), w.m.begin() + R_pad, neg_inf<C>());
+  std::fill(w.l.begin(), w.l.begin() + R_pad, C(0));
+
+  tile_visits(p, s, h0, i0, rows, w.visits);
   for (const Visit& visit : w.visits.list) {
+    if (split && (visit.j0 < split->begin || visit.j0 >= split->end)) continue;
     const int64_t kb = visit.j0 / kBlockK;
     const C* kt = kv.streamed ? w.kt.data() : kv.kt(s.b, hk, s.sk, kb);
     const C* vt = kv.streamed ? w.v.data() : kv.v(s.b, hk, s.sk, kb);
-    if (direct)
-      direct_scores<T, C>(p, s, hk, visit.j0, R, w.q.data(), dp, w.s.data(), w.kt.data());
-    else if (kv.streamed)
+    if (direct) {
+      for (int64_t i = 0; i < nkv; ++i) {
+        direct_rows<T, C>(p.k, p.k_stride, s, hk + i, visit.j0, D, dp, w.kt.data() + i * kBlockK * dp,
+                          w.zero.data(), w.krows.data() + i * kBlockK);
+        direct_rows<T, C>(p.v, p.v_stride, s, hk + i, visit.j0, Dv, dvp, w.v.data() + i * kBlockK * dvp,
+                          w.zero.data(), w.vrows.data() + i * kBlockK);
+      }
+      direct_scores<T, C>(p, s, hk, nkv, visit.j0, R, rpk, w.q.data(), dp, w.krows.data(), w.s.data(), prefetch);
+    } else if (kv.streamed) {
       pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
+    }
     if (!direct) gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
     for (int64_t g = 0; g < nh; ++g)
       finish_scores<C>(p, s, slope(g), i0, rows, visit, w.s.data() + g * rows * kBlockK, nullptr);
@@ -415,13 +530,19 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
       }
     }
     if (direct) {
-      direct_pv<T, C>(p, s, hk, visit.j0, R, w.s.data(), dvp, w.o.data(), w.v.data());
+      direct_pv<C>(std::min(kBlockK, s.sk - visit.j0), R, rpk, w.s.data(), dvp, w.vrows.data(), w.o.data());
     } else {
       for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
       gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
     }
   }
 
+  if (split) {
+    std::copy(w.o.begin(), w.o.begin() + R * dvp, split->o);
+    std::copy(w.m.begin(), w.m.begin() + R, split->m);
+    std::copy(w.l.begin(), w.l.begin() + R, split->l);
+    return;
+  }
   for (int64_t g = 0; g < nh; ++g) {
     const int64_t h = h0 + g;
     T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
@@ -438,23 +559,97 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   }
 }
 
-// Query heads per forward work item: 1, or for decoding with GQA and a dense mask (every
-// tile direct) a divisor of the group of at most kBlockQ / kDirectRows heads, halved while
-// there are fewer items than threads.
-inline int64_t heads_per_item(const AttentionParams& p, int64_t max_sq) {
-  const int64_t group = p.heads / p.heads_kv;
-  if (p.sparse || max_sq > kGemmRows || group == 1) return 1;
+// Decoding calls (every query tile direct) with a dense mask split the keys of each
+// sequence of 2 kSplitKeys keys or more into ranges of at least kSplitKeys keys (multiples
+// of kBlockK, at most kMaxSplits ranges), computed as separate work items and merged
+// (merge_splits): one sequence then runs on several threads, whatever its batch and head
+// counts. The ranges depend on the sequence's length alone, so a sequence gets the same
+// bits in any batch and with any thread count.
+constexpr int64_t kSplitKeys = 512;
+constexpr int64_t kMaxSplits = 64;
+inline int64_t split_len(int64_t sk) {
+  if (sk <= kSplitKeys) return std::max<int64_t>(sk, 1);
+  const int64_t n = std::min(kMaxSplits, sk / kSplitKeys);
+  return round_up((sk + n - 1) / n, kBlockK);
+}
+inline int64_t num_splits(int64_t sk) { return (std::max<int64_t>(sk, 1) + split_len(sk) - 1) / split_len(sk); }
+
+// At most this many kv heads per decoding work item (bounds the per-thread scratch of
+// converted rows: kBlockK x dp per kv head).
+constexpr int64_t kMaxItemKvHeads = 16;
+
+// Query heads per forward work item: 1, or for decoding calls with a dense mask (every tile
+// direct) the largest divisor d of heads with d x max_sq <= kBlockQ rows that is a divisor
+// or a multiple (of at most kMaxItemKvHeads kv heads) of the GQA group, halved while there
+// are fewer items than threads. `units`: work items per head-item (sequences x key splits).
+inline int64_t heads_per_item(const AttentionParams& p, int64_t max_sq, bool all_direct, int64_t units) {
+  if (p.sparse || !all_direct) return 1;
+  const int64_t group = p.heads / p.heads_kv, cap = kBlockQ / std::max<int64_t>(max_sq, 1);
+  auto ok = [&](int64_t d) {
+    return p.heads % d == 0 && d <= cap &&
+           (group % d == 0 || (d % group == 0 && d / group <= kMaxItemKvHeads));
+  };
   int64_t nh = 1;
-  for (int64_t d = 1; d <= std::min<int64_t>(group, kBlockQ / kGemmRows); ++d)
-    if (group % d == 0) nh = d;
-  while (nh % 2 == 0 && p.batch * (p.heads / nh) < num_threads()) nh /= 2;
+  for (int64_t d = 1; d <= std::min(p.heads, cap); ++d)
+    if (ok(d)) nh = d;
+  while (nh % 2 == 0 && ok(nh / 2) && units * (p.heads / nh) < num_threads()) nh /= 2;
   return nh;
+}
+
+// Partial results of a split decoding call: per (key range, head item) a slot of R rows
+// (row g * sq + r: query r of head h0 + g), o of dvp entries per row, m and l.
+template <typename C>
+struct SplitParts {
+  std::vector<int64_t> base;  // per sequence: its first key range (global index)
+  int64_t slot_rows = 0, nhi = 0, dvp = 0;
+  HostBuffer o, ml;
+  C* o_at(int64_t range, int64_t hi) { return o.as<C>() + (range * nhi + hi) * slot_rows * dvp; }
+  C* m_at(int64_t range, int64_t hi) { return ml.as<C>() + (range * nhi + hi) * slot_rows * 2; }
+  C* l_at(int64_t range, int64_t hi) { return m_at(range, hi) + slot_rows; }
+};
+
+// out / lse of (sequence s, head h) from its key ranges' partial results:
+// m = max_r m_r, l = sum_r l_r exp(m_r - m), out = sum_r o_r exp(m_r - m) / l.
+template <typename T, typename C>
+void merge_splits(const AttentionParams& p, SplitParts<C>& parts, const SeqHead& s, int64_t h, int64_t nh,
+                  std::vector<C>& acc) {
+  const int64_t Dv = p.head_dim_v, n = num_splits(s.sk), hi = h / nh, g = h % nh;
+  acc.resize(size_t(Dv));
+  for (int64_t r = 0; r < s.sq; ++r) {
+    const int64_t x = g * s.sq + r;
+    C mx = neg_inf<C>();
+    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, parts.m_at(parts.base[s.b] + k, hi)[x]);
+    std::fill(acc.begin(), acc.end(), C(0));
+    C l = 0;
+    if (mx != neg_inf<C>()) {
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t range = parts.base[s.b] + k;
+        const C m = parts.m_at(range, hi)[x];
+        if (m == neg_inf<C>()) continue;
+        const C f = std::exp(m - mx);
+        l += parts.l_at(range, hi)[x] * f;
+        const C* o = parts.o_at(range, hi) + x * parts.dvp;
+        for (int64_t d = 0; d < Dv; ++d) acc[size_t(d)] += f * o[d];
+      }
+    }
+    const C inv = l > C(0) ? C(1) / l : C(0);
+    for (int64_t d = 0; d < Dv; ++d) acc[size_t(d)] *= inv;
+    T* out = static_cast<T*>(p.out) + s.b * p.out_stride[0] + (s.tq + r) * p.out_stride[1] + h * p.out_stride[2];
+    store_row<T, C>(acc.data(), out, Dv);
+    if (p.lse)
+      p.lse[s.b * p.lse_stride[0] + h * p.lse_stride[1] + (s.tq + r) * p.lse_stride[2]] =
+          l > C(0) ? float(mx + std::log(l)) : -std::numeric_limits<float>::infinity();
+  }
 }
 
 template <typename T, typename C>
 void forward(const AttentionParams& p) {
   const int64_t tq = query_tile(p), nqb = (p.seqlen_q + tq - 1) / tq;
   PackedKV<C> kv(p, tq);
+  double kv_bytes = 0;
+  for (int64_t b = 0; b < p.batch; ++b)
+    kv_bytes += double(p.seq_k(b)) * double(p.heads_kv) * double(p.head_dim + p.head_dim_v) * double(sizeof(T));
+  kv.prefetch = kv_bytes > kPrefetchMinBytes;
   if (!kv.streamed)
     parallel_for(p.batch * p.heads_kv, 1, [&](int64_t i0, int64_t i1) {
       std::vector<C> rows;
@@ -462,20 +657,70 @@ void forward(const AttentionParams& p) {
     });
   int64_t max_sq = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_sq = std::max(max_sq, p.seq_q(b));
-  const int64_t nh = heads_per_item(p, max_sq), nhi = p.heads / nh, items = p.batch * nhi * nqb;
   // A call of less than kSerialMacs multiply-adds (at most: masks only remove work) runs on
-  // the calling thread: handing chunks to a worker costs ~70 us on a 2-core VM (its
-  // wake-up), more than such a call's arithmetic (a decoding step over a few hundred keys).
-  constexpr double kSerialMacs = 1e6;
+  // the calling thread: even with the pool's workers awake (polling after their last job),
+  // handing out chunks cost more than the arithmetic of a decoding step over 256 keys x 8
+  // heads (2.6e5 multiply-adds: 23 us alone, 34 us on 2 threads; at 5.2e5, 70 / 44 us).
+  constexpr double kSerialMacs = 4e5;
   const double macs = double(p.batch) * double(p.heads) * double(max_sq) * double(p.seqlen_k) *
                       double(p.head_dim + p.head_dim_v);
-  parallel_for(items, macs < kSerialMacs ? items : 1, [&](int64_t item0, int64_t item1) {
-    ForwardScratch<C> w(kv.dp, kv.dvp, kv.streamed);
+  const bool serial = macs < kSerialMacs;
+  auto scratch = [&](int64_t nh) -> ForwardScratch<C>& {
+    return ForwardScratch<C>::get(kv.dp, kv.dvp, kv.streamed && !kv.all_direct, row_copy<T, C>(p.head_dim, kv.dp),
+                                  row_copy<T, C>(p.head_dim_v, kv.dvp),
+                                  std::max<int64_t>(1, nh / (p.heads / p.heads_kv)));
+  };
+
+  if (kv.all_direct && !p.sparse) {  // decoding: work items (sequence, head item, key range)
+    SplitParts<C> parts;
+    parts.base.assign(size_t(p.batch + 1), 0);
+    for (int64_t b = 0; b < p.batch; ++b) parts.base[b + 1] = parts.base[b] + num_splits(p.seq_k(b));
+    const int64_t ranges = parts.base[p.batch];
+    const int64_t nh = heads_per_item(p, max_sq, true, ranges), nhi = p.heads / nh;
+    const bool split = ranges > p.batch;
+    if (split) {
+      parts.slot_rows = nh * max_sq, parts.nhi = nhi, parts.dvp = kv.dvp;
+      parts.o = HostBuffer(size_t(ranges * nhi * parts.slot_rows * kv.dvp) * sizeof(C));
+      parts.ml = HostBuffer(size_t(ranges * nhi * parts.slot_rows * 2) * sizeof(C));
+    }
+    const int64_t items = ranges * nhi;
+    parallel_for(items, serial ? items : 1, [&](int64_t item0, int64_t item1) {
+      ForwardScratch<C>& w = scratch(nh);
+      for (int64_t item = item0; item < item1; ++item) {
+        const int64_t range = item / nhi, hi = item % nhi;
+        const int64_t b = std::upper_bound(parts.base.begin(), parts.base.end(), range) - parts.base.begin() - 1;
+        const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+        if (s.sq == 0) continue;
+        if (!split) {
+          forward_block<T, C>(p, kv, s, hi * nh, nh, 0, w);
+          continue;
+        }
+        const int64_t len = split_len(s.sk), k = range - parts.base[b];
+        const KeySplit<C> ks{k * len, (k + 1) * len, parts.o_at(range, hi), parts.m_at(range, hi),
+                             parts.l_at(range, hi)};
+        forward_block<T, C>(p, kv, s, hi * nh, nh, 0, w, &ks);
+      }
+    });
+    if (split)
+      parallel_for(p.batch * p.heads, serial ? p.batch * p.heads : 1, [&](int64_t i0, int64_t i1) {
+        std::vector<C> acc;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / p.heads, h = i % p.heads;
+          const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
+          merge_splits<T, C>(p, parts, s, h, nh, acc);
+        }
+      });
+    return;
+  }
+
+  const int64_t items = p.batch * p.heads * nqb;
+  parallel_for(items, serial ? items : 1, [&](int64_t item0, int64_t item1) {
+    ForwardScratch<C>& w = scratch(1);
     for (int64_t item = item0; item < item1; ++item) {
-      const int64_t qb = item % nqb, h0 = (item / nqb) % nhi * nh, b = item / (nqb * nhi);
+      const int64_t qb = item % nqb, h = (item / nqb) % p.heads, b = item / (nqb * p.heads);
       const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
       if (qb * tq >= s.sq) continue;
-      forward_block<T, C>(p, kv, s, h0, nh, qb, w);
+      forward_block<T, C>(p, kv, s, h, 1, qb, w);
     }
   });
 }

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifndef LONGATTN_ISA_NS
 #error "include only from kernel sources compiled per ISA level (LONGATTN_ISA_NS)"
@@ -107,15 +108,46 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const
   gemm_acc<C, false>(M, N, K, A, lda, B, ldb, Cm, ldc);
 }
 
-// Sum of the lanes, as a tree (log2 W dependent adds rather than W).
+// transpose_sum: lane c of the result is the sum of the lanes of v[c], for W = Vec<C>::N
+// vectors, in log2(W) levels of W / 2, W / 4, ... shuffle-and-add pairs (W - 1 pairs in all
+// instead of W horizontal sums). Level S folds each S-lane block of a pair (a, b) into its
+// halves: the block's first half becomes a's two halves summed, the second half b's. After
+// the last level the lanes hold the inputs in bit-reversed order, so the inputs are taken in
+// that order.
+constexpr int bit_reverse(int i, int w) {
+  int r = 0;
+  for (int b = 1; b < w; b <<= 1, i >>= 1) r = (r << 1) | (i & 1);
+  return r;
+}
+
+// Index into the concatenation (a, b) of lane i of one fold operand (upper: the halves that
+// are added to the lower ones).
+constexpr int fold_index(int i, int w, int s, bool upper) {
+  const int h = s / 2, o = i / s * s, t = i % s;
+  if (t < h) return upper ? o + h + t : o + t;
+  return upper ? w + o + t : w + o + t - h;
+}
+
+template <typename V, int W, int S, std::size_t... I>
+inline V fold_pair(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, fold_index(int(I), W, S, false)...) +
+         __builtin_shufflevector(a, b, fold_index(int(I), W, S, true)...);
+}
+
+template <typename V, int W, int S>
+inline void fold_level(V* x) {  // S vectors in x[0..S) -> S / 2 in x[0..S / 2)
+  for (int i = 0; i < S / 2; ++i) x[i] = fold_pair<V, W, S>(x[2 * i], x[2 * i + 1], std::make_index_sequence<W>{});
+  if constexpr (S > 2) fold_level<V, W, S / 2>(x);
+}
+
 template <typename C>
-inline C hsum(typename Vec<C>::type v) {
+inline typename Vec<C>::type transpose_sum(const typename Vec<C>::type* v) {
+  using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
-  C lanes[W];
-  std::memcpy(lanes, &v, sizeof(v));
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
-  return lanes[0];
+  V x[W];
+  for (int i = 0; i < W; ++i) x[i] = v[bit_reverse(i, W)];
+  fold_level<V, W, W>(x);
+  return x[0];
 }
 
 // max(init, x[0..n)) for n a multiple of the vector width.
