@@ -701,8 +701,11 @@ void forward(const AttentionParams& p) {
         forward_block<T, C>(p, kv, s, hi * nh, nh, 0, w, &ks);
       }
     });
+    // The merge reads ranges x heads x max_sq rows of dvp: a few microseconds, on this
+    // thread, unless the batch is large.
+    const bool merge_serial = double(ranges) * double(p.heads) * double(max_sq) * double(kv.dvp) < 1e6;
     if (split)
-      parallel_for(p.batch * p.heads, serial ? p.batch * p.heads : 1, [&](int64_t i0, int64_t i1) {
+      parallel_for(p.batch * p.heads, merge_serial ? p.batch * p.heads : 1, [&](int64_t i0, int64_t i1) {
         std::vector<C> acc;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = i / p.heads, h = i % p.heads;
