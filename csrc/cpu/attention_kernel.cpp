@@ -86,11 +86,15 @@ struct Visits {
   std::vector<int32_t> tiles;  // pool indices, parallel to states
 };
 
-inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t i0, int64_t rows, Visits& v) {
+// Dense schedules visit only tiles starting in [j_begin, j_end) (a key range of a split
+// decoding call; multiples of kBlockK).
+inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, int64_t i0, int64_t rows, Visits& v,
+                        int64_t j_begin = 0, int64_t j_end = std::numeric_limits<int64_t>::max()) {
   v.list.clear();
   if (!p.sparse) {
     const KeyRange kr = key_range(i0, i0 + rows, s.sq, s.sk, p.window_left, p.window_right);
-    for (int64_t j0 = kr.begin / kBlockK * kBlockK; j0 < kr.end; j0 += kBlockK) {
+    const int64_t end = std::min(kr.end, j_end);
+    for (int64_t j0 = std::max(kr.begin / kBlockK * kBlockK, j_begin); j0 < end; j0 += kBlockK) {
       const int64_t cols = std::min(kBlockK, s.sk - j0);
       v.list.push_back({j0, j0 < kr.full_begin || j0 + cols > kr.full_end, nullptr});
     }
@@ -449,6 +453,12 @@ void direct_pv(int64_t cols, int64_t R, int64_t rpk, const C* P, int64_t dvp, co
   }
 }
 
+// KV heads whose query heads one work item of nh query heads covers (nh > group only for
+// decoding items that stack whole GQA groups).
+inline int64_t item_kv_heads(const AttentionParams& p, int64_t nh) {
+  return std::max<int64_t>(1, nh / (p.heads / p.heads_kv));
+}
+
 // A key range [begin, end) (multiples of kBlockK) of a decoding call split over its keys:
 // forward_block then leaves the unnormalized output rows and their running max and sum in
 // o (R rows of dvp), m and l (R each), for merge_splits.
@@ -469,7 +479,7 @@ template <typename T, typename C>
 void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h0, int64_t nh, int64_t qb,
                    ForwardScratch<C>& w, const KeySplit<C>* split = nullptr) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
-  const int64_t group = p.heads / p.heads_kv, hk = h0 / group, nkv = std::max<int64_t>(1, nh / group);
+  const int64_t group = p.heads / p.heads_kv, hk = h0 / group, nkv = item_kv_heads(p, nh);
   const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0), R = nh * rows;
   auto slope = [&](int64_t g) { return p.alibi_slopes ? p.alibi_slopes[s.b * p.alibi_batch_stride + h0 + g] : 0.f; };
   // Rows past `rows` are zero padding: the products skip them, down to the GEMM's row
@@ -490,9 +500,11 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   std::fill(w.m.begin(), w.m.begin() + R_pad, neg_inf<C>());
   std::fill(w.l.begin(), w.l.begin() + R_pad, C(0));
 
-  tile_visits(p, s, h0, i0, rows, w.visits);
+  if (split)
+    tile_visits(p, s, h0, i0, rows, w.visits, split->begin, split->end);
+  else
+    tile_visits(p, s, h0, i0, rows, w.visits);
   for (const Visit& visit : w.visits.list) {
-    if (split && (visit.j0 < split->begin || visit.j0 >= split->end)) continue;
     const int64_t kb = visit.j0 / kBlockK;
     const C* kt = kv.streamed ? w.kt.data() : kv.kt(s.b, hk, s.sk, kb);
     const C* vt = kv.streamed ? w.v.data() : kv.v(s.b, hk, s.sk, kb);
@@ -668,7 +680,7 @@ void forward(const AttentionParams& p) {
   auto scratch = [&](int64_t nh) -> ForwardScratch<C>& {
     return ForwardScratch<C>::get(kv.dp, kv.dvp, kv.streamed && !kv.all_direct, row_copy<T, C>(p.head_dim, kv.dp),
                                   row_copy<T, C>(p.head_dim_v, kv.dvp),
-                                  std::max<int64_t>(1, nh / (p.heads / p.heads_kv)));
+                                  item_kv_heads(p, nh));
   };
 
   if (kv.all_direct && !p.sparse) {  // decoding: work items (sequence, head item, key range)
