@@ -297,7 +297,8 @@ constexpr int64_t kDirectGroup = 32;
 // `zero` is never written.
 template <typename C>
 struct ForwardScratch {
-  std::vector<C> q, s, o, m, l;
+  std::vector<C> q, s, o, m, l;  // l: one vector of partial sums per row
+  std::vector<int32_t> raw;       // plain tiles: per row, the first column the epilogue left raw
   // Packed per visit (PackedKV::streamed): one key tile. Direct tiles: the K and V rows of one
   // tile converted to C (kBlockK x dp / dvp), only for rows that cannot be read in place.
   std::vector<C> rows, kt, v;
@@ -309,7 +310,7 @@ struct ForwardScratch {
   static ForwardScratch& get(int64_t dp, int64_t dvp, bool packs, bool k_copy, bool v_copy, int64_t nkv) {
     thread_local ForwardScratch w;
     grow(w.q, kBlockQ * dp), grow(w.s, kBlockQ * kBlockK), grow(w.o, kBlockQ * dvp);
-    grow(w.m, kBlockQ), grow(w.l, kBlockQ), grow(w.zero, std::max(dp, dvp));
+    grow(w.m, kBlockQ), grow(w.l, kBlockQ * Vec<C>::N), grow(w.raw, kBlockQ), grow(w.zero, std::max(dp, dvp));
     grow(w.krows, nkv * kBlockK), grow(w.vrows, nkv * kBlockK);
     if (packs) grow(w.rows, kBlockK * dp);
     grow(w.kt, std::max(packs ? dp * kBlockK : 0, k_copy ? nkv * kBlockK * dp : 0));
@@ -475,9 +476,54 @@ struct KeySplit {
 // heads and reads their rows together, in memory order). Each row's arithmetic is that of
 // its head alone. `split` (decoding calls over many keys) restricts the keys and leaves
 // partial results for merge_splits.
+// Scores of a plain tile may exceed their row's running maximum m by up to kLazyMax
+// before m is raised: up to that margin the epilogue takes P = exp(S - m) with the old m
+// (P <= e^8, so l and O stay far from overflow) and the row needs no rescaling. Softmax is
+// shift invariant, so out = O / l and lse = m + log l are exact with any such m
+// (FlashAttention-4 rescales lazily the same way).
+template <typename C>
+constexpr C kLazyMax = C(8);
+
+// Epilogue of the Q K^T GEMM of a plain tile, on register tile rows m0.., columns n0..
+// (column blocks of a row come in increasing n0): while a row's scores stay within
+// m + kLazyMax, P = exp(S - m) is stored and summed into the row's vector l; from the
+// first column block with a larger score (at once when m = -inf: no key seen yet) the
+// row's scores are stored raw and raw[row] holds that block's first column, for the
+// general online-softmax step after the GEMM. raw[row] = kBlockK: no raw column.
+template <typename C>
+inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C>& acc, const C* m, C* l, int32_t* raw, C* S) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+#pragma GCC unroll 4
+  for (int r = 0; r < kGemmRows; ++r) {
+    const int64_t row = m0 + r;
+    if (n0 == 0) raw[row] = int32_t(kBlockK);
+    C* out = S + row * kBlockK + n0;
+    V mx = acc[r][0];
+#pragma GCC unroll 4
+    for (int c = 1; c < kGemmCols; ++c) mx = acc[r][c] > mx ? acc[r][c] : mx;
+    if (raw[row] < kBlockK || any_greater<C>(mx, m[row] + kLazyMax<C>)) {  // m = -inf: every score is greater
+      if (raw[row] == kBlockK) raw[row] = int32_t(n0);
+#pragma GCC unroll 4
+      for (int c = 0; c < kGemmCols; ++c) vstore(out + c * W, acc[r][c]);
+      continue;
+    }
+    V sum = V{};
+#pragma GCC unroll 4
+    for (int c = 0; c < kGemmCols; ++c) {
+      const V e = exp_vec(acc[r][c] - m[row]);
+      vstore(out + c * W, e);
+      sum += e;
+    }
+    vstore(l + row * W, vload(l + row * W) + sum);
+  }
+}
+
 template <typename T, typename C>
 void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, int64_t h0, int64_t nh, int64_t qb,
                    ForwardScratch<C>& w, const KeySplit<C>* split = nullptr) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = kv.dp, dvp = kv.dvp;
   const int64_t group = p.heads / p.heads_kv, hk = h0 / group, nkv = item_kv_heads(p, nh);
   const int64_t tq = query_tile(p), i0 = qb * tq, rows = std::min(tq, s.sq - i0), R = nh * rows;
@@ -498,7 +544,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   }
   std::fill(w.o.begin(), w.o.begin() + R_pad * dvp, C(0));
   std::fill(w.m.begin(), w.m.begin() + R_pad, neg_inf<C>());
-  std::fill(w.l.begin(), w.l.begin() + R_pad, C(0));
+  std::fill(w.l.begin(), w.l.begin() + R_pad * W, C(0));
 
   if (split)
     tile_visits(p, s, h0, i0, rows, w.visits, split->begin, split->end);
@@ -519,22 +565,43 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     } else if (kv.streamed) {
       pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
     }
-    if (!direct) gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
-    for (int64_t g = 0; g < nh; ++g)
-      finish_scores<C>(p, s, slope(g), i0, rows, visit, w.s.data() + g * rows * kBlockK, nullptr);
+    // Plain tiles (every column a visible key, scores needing nothing after Q K^T) take
+    // exp inside the GEMM (scores_exp_epilogue); rows it leaves raw are flagged in w.raw.
+    const bool plain = !direct && !visit.masked && !visit.state && !(p.softcap > 0.f) && !p.alibi_slopes &&
+                       visit.j0 + kBlockK <= s.sk;
+    if (plain) {
+      C* S = w.s.data();
+      gemm_epilogue<C, false, false>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK,
+                                     [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
+                                       scores_exp_epilogue<C>(m0, n0, acc, w.m.data(), w.l.data(), w.raw.data(), S);
+                                     });
+    } else if (!direct) {
+      gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
+    }
+    if (!plain)
+      for (int64_t g = 0; g < nh; ++g)
+        finish_scores<C>(p, s, slope(g), i0, rows, visit, w.s.data() + g * rows * kBlockK, nullptr);
 
     // Online softmax (Milakov & Gimelshein 2018): rescale the running sum and output by
-    // exp(m_old - m_new) whenever the row maximum grows.
+    // exp(m_old - m_new) whenever the row maximum grows. Row sums are kept as vectors of
+    // partial sums (w.l: one vector per row), reduced once at the end.
     for (int64_t r = 0; r < R; ++r) {
+      // Columns [0, f) hold P = exp(S - m) already summed into l (a plain tile's epilogue);
+      // [f, kBlockK) hold scores.
+      const int64_t f = plain ? w.raw[r] : 0;
+      if (f == kBlockK) continue;
       C* row = w.s.data() + r * kBlockK;
-      const C mx = row_max<C>(row, kBlockK, w.m[r]);
-      if (mx == neg_inf<C>()) {  // nothing visible yet in this row
+      const C mx = row_max<C>(row + f, kBlockK - f, w.m[r]);
+      if (mx == neg_inf<C>()) {  // nothing visible yet in this row (so f = 0)
         std::fill(row, row + kBlockK, C(0));
         continue;
       }
       const C alpha = w.m[r] == neg_inf<C>() ? C(0) : std::exp(w.m[r] - mx);
-      const C sum = exp_shifted_sum(row, kBlockK, mx);
-      w.l[r] = w.l[r] * alpha + sum;
+      if (alpha != C(1))
+        for (int64_t c = 0; c < f; ++c) row[c] *= alpha;
+      const V sum = exp_shifted<C>(row + f, kBlockK - f, mx);
+      C* lr = w.l.data() + r * W;
+      vstore(lr, vload(lr) * alpha + sum);
       w.m[r] = mx;
       if (alpha != C(1)) {
         C* orow = w.o.data() + r * dvp;
@@ -549,6 +616,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     }
   }
 
+  for (int64_t r = 0; r < R; ++r) w.l[r] = hsum<C>(vload(w.l.data() + r * W));  // in place: row r's vector is at r * W >= r
   if (split) {
     std::copy(w.o.begin(), w.o.begin() + R * dvp, split->o);
     std::copy(w.m.begin(), w.m.begin() + R, split->m);

@@ -8,6 +8,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #ifndef LONGATTN_ISA_NS
 #error "include only from kernel sources compiled per ISA level (LONGATTN_ISA_NS)"
 #endif
@@ -55,14 +59,21 @@ constexpr int64_t gemm_col_align() {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The register tile of gemm_acc: kGemmRows x kGemmCols vectors.
+template <typename C>
+using GemmTile = typename Vec<C>::type[kGemmRows][kGemmCols];
+
 // Cm[M x N] (+)= A[M x K] * B[K x N], all row-major packed buffers (Accumulate: add to Cm;
 // otherwise overwrite it). M must be a multiple of kGemmRows and N of gemm_col_align<C>()
 // (callers pad with zeros), so the tile loops need no edge handling.
 // TransA: A is stored transposed, K x M row-major (lda = its row length), so C += A^T B
 // needs no transposed copy.
-template <typename C, bool Accumulate = true, bool TransA = false>
-inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb, C* Cm,
-                     int64_t ldc) {
+// gemm_epilogue: the same, but each finished register tile (rows m0.., columns n0..) goes
+// to epi(m0, n0, tile) instead of being stored, so a caller can transform it while it is
+// still in registers (the attention forward takes exp of the scores there).
+template <typename C, bool Accumulate, bool TransA, typename Epilogue>
+inline void gemm_epilogue(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb,
+                          const C* Cm, int64_t ldc, Epilogue&& epi) {
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
   constexpr int R = kGemmRows, NC = kGemmCols;
@@ -86,12 +97,22 @@ inline void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, c
           for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
         }
       }
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int c = 0; c < NC; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * W, acc[r][c]);
+      epi(m0, n0, acc);
     }
   }
+}
+
+// Not inlined: inlined into the large attention loops, its 16 accumulators and their
+// operands no longer fit the registers and get spilled (fma with a stack operand).
+template <typename C, bool Accumulate = true, bool TransA = false>
+__attribute__((noinline)) void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B,
+                                        int64_t ldb, C* Cm, int64_t ldc) {
+  gemm_epilogue<C, Accumulate, TransA>(M, N, K, A, lda, B, ldb, Cm, ldc, [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kGemmRows; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kGemmCols; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * Vec<C>::N, acc[r][c]);
+  });
 }
 
 // Cm += A^T * B with A stored K x M (see gemm_acc).
@@ -150,6 +171,34 @@ inline typename Vec<C>::type transpose_sum(const typename Vec<C>::type* v) {
   return x[0];
 }
 
+// Horizontal reductions of one vector by halving: log2(W) shuffle-and-op steps, so the
+// dependency chain is 4 operations deep for 16 lanes, not 15 as with a lane-by-lane loop.
+template <typename V, int W, int H, std::size_t... I>
+inline V upper_half(V v, std::index_sequence<I...>) {  // lane i < H gets lane i + H (the rest: don't care)
+  return __builtin_shufflevector(v, v, int((I + H) % W)...);
+}
+
+template <typename C, typename Op>
+inline C reduce_lanes(typename Vec<C>::type v, Op op) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  if constexpr (W >= 16) v = op(v, upper_half<V, W, 8>(v, std::make_index_sequence<W>{}));
+  if constexpr (W >= 8) v = op(v, upper_half<V, W, 4>(v, std::make_index_sequence<W>{}));
+  if constexpr (W >= 4) v = op(v, upper_half<V, W, 2>(v, std::make_index_sequence<W>{}));
+  if constexpr (W >= 2) v = op(v, upper_half<V, W, 1>(v, std::make_index_sequence<W>{}));
+  return v[0];
+}
+
+template <typename C>
+inline C hsum(typename Vec<C>::type v) {
+  return reduce_lanes<C>(v, [](auto a, auto b) { return a + b; });
+}
+
+template <typename C>
+inline C hmax(typename Vec<C>::type v) {
+  return reduce_lanes<C>(v, [](auto a, auto b) { return a > b ? a : b; });
+}
+
 // max(init, x[0..n)) for n a multiple of the vector width.
 template <typename C>
 inline C row_max(const C* x, int64_t n, C init) {
@@ -160,54 +209,83 @@ inline C row_max(const C* x, int64_t n, C init) {
     const V v = vload(x + i);
     m = v > m ? v : m;
   }
-  C r = init;
-  for (int i = 0; i < W; ++i) r = m[i] > r ? m[i] : r;
-  return r;
+  return hmax<C>(m);
 }
 
-// x[i] = exp(x[i] - shift) for n entries (n a multiple of the vector width); returns
-// their sum. -inf entries become exactly 0.
-// float: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial
-// (relative error below 2e-7), 2^k by exponent arithmetic. double: libm.
-inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+// Whether some lane of a exceeds t.
+template <typename C>
+inline bool any_greater(typename Vec<C>::type a, C t) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(C) == 4)
+    return _mm512_cmp_ps_mask(__m512(a), _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+  else
+    return _mm512_cmp_pd_mask(__m512d(a), _mm512_set1_pd(t), _CMP_GT_OQ) != 0;
+#elif defined(__AVX__)
+  if constexpr (sizeof(C) == 4)
+    return _mm256_movemask_ps(_mm256_cmp_ps(__m256(a), _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+  else
+    return _mm256_movemask_pd(_mm256_cmp_pd(__m256d(a), _mm256_set1_pd(t), _CMP_GT_OQ)) != 0;
+#else
+  bool any = false;
+  for (int i = 0; i < Vec<C>::N; ++i) any |= a[i] > t;
+  return any;
+#endif
+}
+
+// exp(v) lane by lane for float arguments v <= 88 (the softmax's are <= 0): Cody-Waite
+// reduction v = k ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial (relative error below
+// 2e-7), times 2^k. Arguments are clamped below at -88: k = round(-88 log2 e) = -127, and
+// 2^k built in the exponent field is then 0, so -inf (and anything below about -87.7, where
+// expf underflows anyway) comes out exactly 0 without a compare and select. (AVX-512's
+// vscalefps would build 2^k in one instruction, but its results below 2^-126 are
+// denormals, which cost microcode assists.)
+inline Vec<float>::type exp_vec(Vec<float>::type v) {
   using V = Vec<float>::type;
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
-  constexpr int W = Vec<float>::N;
+  v = v < -88.0f ? V{} - 88.0f : v;
+  v = v > 88.0f ? V{} + 88.0f : v;
+  const V t = v * 1.44269504088896341f;
+  const V kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = (v - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
+  V p = V{} + (1.0f / 5040);
+  p = p * r + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const VI ki = __builtin_convertvector(kf, VI);
+  const VI bits = (ki + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline Vec<double>::type exp_vec(Vec<double>::type v) {  // libm, lane by lane
+  for (int i = 0; i < Vec<double>::N; ++i) v[i] = std::exp(v[i]);
+  return v;
+}
+
+// x[i] = exp(x[i] - shift) for n entries (n a multiple of the vector width), -inf entries
+// exactly 0; returns their sum as a vector of partial sums (hsum gives the total).
+template <typename C>
+inline typename Vec<C>::type exp_shifted(C* x, int64_t n, C shift) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
   V total = V{};
   for (int64_t i = 0; i < n; i += W) {
-    V v = vload(x + i) - shift;
-    const V zero_mask = v < -87.0f ? V{} + 1.0f : V{};
-    v = v < -87.0f ? V{} - 87.0f : v;
-    v = v > 88.0f ? V{} + 88.0f : v;
-    const V t = v * 1.44269504088896341f;
-    const V kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-    const V r = (v - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
-    V p = V{} + (1.0f / 5040);
-    p = p * r + (1.0f / 720);
-    p = p * r + (1.0f / 120);
-    p = p * r + (1.0f / 24);
-    p = p * r + (1.0f / 6);
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const VI ki = __builtin_convertvector(kf, VI);
-    const VI bits = (ki + 127) << 23;
-    V scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    V res = p * scale;
-    res = zero_mask > 0.0f ? V{} : res;
+    const V res = exp_vec(vload(x + i) - shift);
     vstore(x + i, res);
     total += res;
   }
-  float sum = 0.f;
-  for (int i = 0; i < W; ++i) sum += total[i];
-  return sum;
+  return total;
 }
 
-inline double exp_shifted_sum(double* x, int64_t n, double shift) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
-  return sum;
+// exp_shifted, returning the sum.
+template <typename C>
+inline C exp_shifted_sum(C* x, int64_t n, C shift) {
+  return hsum<C>(exp_shifted<C>(x, n, shift));
 }
 
 }  // namespace LONGATTN_ISA_NS
