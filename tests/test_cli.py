@@ -55,3 +55,18 @@ def test_bench_rejects_unknown_op(tmp_path):
     assert res.returncode == 2
     assert "no_such_op" in res.stderr and "rope" in res.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_bench_without_matplotlib_still_writes_json_and_markdown(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    code = ("import sys; sys.modules['matplotlib'] = None; from longattn.__main__ import main; "
+            f"sys.exit(main(['bench', '--ops', 'rope', '--quick', '--device', 'cpu', '--repeat', '3', "
+            f"'--no-progress', '--out', {str(out)!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "no plots: matplotlib is not installed" in res.stdout
+    assert len(list(out.glob("*.json"))) == 1 and not list(out.glob("*.png"))
+    (md,) = out.glob("*.md")
+    text = md.read_text()
+    assert "variant" in text and "matplotlib is not installed" in text

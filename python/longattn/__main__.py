@@ -95,7 +95,8 @@ def _bench(args: argparse.Namespace) -> int:
     settings = {"ops": names, "size": size, "warmup": args.warmup, "repeat": repeat,
                 "max_time_s": args.max_time, "dtype": args.dtype, "wall_s": round(wall, 1)}
     paths = harness.write_reports(chosen, rows, env, settings, args.out)
-    print(f"\nwall time {wall:.1f} s; wrote {paths['json']}, {paths['markdown']}, " + ", ".join(paths["plots"]))
+    print(f"\nwall time {wall:.1f} s; wrote " + ", ".join([paths["json"], paths["markdown"], *paths["plots"]])
+          + ("" if paths["plots"] else " (no plots: matplotlib is not installed)"))
 
     bad = [r for r in rows if r.error or (r.match is not None and not r.match.ok)]
     if bad:

@@ -470,7 +470,9 @@ def git_commit() -> dict:
                              text=True, timeout=10)
         if sha.returncode == 0:
             info["commit"] = sha.stdout.strip()
-            st = subprocess.run(["git", "status", "--porcelain"], cwd=here,
+            # Tracked files only: untracked ones (the report folder being written) do not
+            # change what was built.
+            st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                 capture_output=True, text=True, timeout=10)
             info["dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -581,6 +583,12 @@ def write_reports(entries: Sequence[Entry], rows: Sequence[Row], env: dict, sett
         f.write("\n")
 
     plots = []
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; without it the tables are still written)
+
+        can_plot = True
+    except ImportError:
+        can_plot = False
     md = [f"# longattn benchmark: {env['device_name']} ({env['device']})", "",
           f"- date: {env['date']}", f"- commit: {env['commit'] or 'unknown'}"
           + (" (with local changes)" if env.get("dirty") else ""),
@@ -592,9 +600,13 @@ def write_reports(entries: Sequence[Entry], rows: Sequence[Row], env: dict, sett
         if not erows:
             continue
         md += ["```", table_text(e, erows, env), "```", ""]
+        if not can_plot:
+            continue
         png = os.path.join(out_dir, f"{e.name}-{env['device']}-{'-'.join(sorted({r.dtype for r in erows}))}.png")
         _plot(e, erows, env, png)
         plots.append(png)
+    if not can_plot:
+        md += ["(no plots: matplotlib is not installed; `pip install \".[bench]\"` adds it)", ""]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(md))
     return {"json": stem + ".json", "markdown": stem + ".md", "plots": plots}
