@@ -425,6 +425,41 @@ def test_output_and_lse_match_the_float64_reference(case):
     check_forward(case, out, lse, q, k, v)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("profile", ["rising", "falling", "spikes", "first_block_low"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_scores_that_jump_past_the_running_maximum_match_the_reference(dtype, profile, causal):
+    """The CPU forward exponentiates a tile's scores against a stale row maximum while they
+    stay within a margin of it, and switches to the full online-softmax step per column
+    block once one jumps past. Drive every switch: scores rising by 3 per 16 keys (each
+    column block of each tile passes the margin), falling, isolated spikes of +20 and +120
+    inside tiles (+120 would overflow float32's exp against a stale maximum), and a first
+    column block far below the rest of its tile."""
+    rng = np.random.default_rng(7)
+    B, S, H, D = 1, 300, 2, 16
+    q = np.zeros((B, S, H, D))
+    q[..., 0] = 1.0
+    q[..., 1:] = 0.1 * rng.standard_normal((B, S, H, D - 1))
+    k = 0.1 * rng.standard_normal((B, S, H, D))
+    j = np.arange(S)
+    if profile == "rising":
+        lead = 3.0 * (j // 16)
+    elif profile == "falling":
+        lead = 3.0 * ((S - j) // 16)
+    elif profile == "spikes":
+        lead = np.where(j % 128 == 77, 20.0, 0.0) + np.where(j % 128 == 200 % 128, 120.0, 0.0)
+    else:
+        lead = np.where(j % 128 < 16, -40.0, 0.0)
+    k[..., 0] = (lead * math.sqrt(D))[None, :, None]  # score = lead + noise after the 1/sqrt(D) scale
+    v = rng.standard_normal((B, S, H, D))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out, lse = longattn.flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal)
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=tol * max(1.0, np.abs(ref_out).max()))
+    np.testing.assert_allclose(lse, ref_lse, rtol=5e-7, atol=2e-6)  # lse is float32 for every dtype
+
+
 @given(case=attention_cases(max_s=64, big=False))
 def test_return_lse_false_returns_the_same_output_alone(case):
     q, k, v = case.torch_inputs()

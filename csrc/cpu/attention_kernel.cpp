@@ -487,11 +487,12 @@ constexpr C kLazyMax = C(8);
 // Epilogue of the Q K^T GEMM of a plain tile, on register tile rows m0.., columns n0..
 // (column blocks of a row come in increasing n0): while a row's scores stay within
 // m + kLazyMax, P = exp(S - m) is stored and summed into the row's vector l; from the
-// first column block with a larger score (at once when m = -inf: no key seen yet) the
-// row's scores are stored raw and raw[row] holds that block's first column, for the
-// general online-softmax step after the GEMM. raw[row] = kBlockK: no raw column.
+// first column block with a larger score the row's scores are stored raw and raw[row]
+// holds that block's first column, for the general online-softmax step after the GEMM.
+// raw[row] = kBlockK: no raw column. A row with no key seen yet (m = -inf) takes the max
+// of its first block as m, so a query block's first tile is exponentiated here too.
 template <typename C>
-inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C>& acc, const C* m, C* l, int32_t* raw, C* S) {
+inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C>& acc, C* m, C* l, int32_t* raw, C* S) {
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
 #pragma GCC unroll 4
@@ -502,7 +503,8 @@ inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C>& acc, const 
     V mx = acc[r][0];
 #pragma GCC unroll 4
     for (int c = 1; c < kGemmCols; ++c) mx = acc[r][c] > mx ? acc[r][c] : mx;
-    if (raw[row] < kBlockK || any_greater<C>(mx, m[row] + kLazyMax<C>)) {  // m = -inf: every score is greater
+    if (raw[row] == kBlockK && m[row] == neg_inf<C>()) m[row] = hmax<C>(mx);
+    if (raw[row] < kBlockK || m[row] == neg_inf<C>() || any_greater<C>(mx, m[row] + kLazyMax<C>)) {
       if (raw[row] == kBlockK) raw[row] = int32_t(n0);
 #pragma GCC unroll 4
       for (int c = 0; c < kGemmCols; ++c) vstore(out + c * W, acc[r][c]);
