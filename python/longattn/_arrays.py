@@ -82,15 +82,23 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple:
     return tuple(reversed(strides))
 
 
+_TORCH_DTYPE_NAMES: dict = {}  # torch.float32 -> "float32", filled as dtypes are seen
+
+
 def wrap(x: Any, name: str, op: str) -> Array:
     """Describes `x` (argument `name` of `op`) without copying it."""
-    fw = framework_of(x)
+    torch = sys.modules.get("torch")
+    fw = "torch" if torch is not None and type(x) is torch.Tensor else framework_of(x)  # the common case first
     if fw == "torch":
-        if x.device.type not in (CPU, CUDA):
-            raise ValueError(f"{op}: {name} is on device {x.device}; only cpu and cuda are supported")
-        dtype = str(x.dtype).replace("torch.", "")
-        device_id = (x.device.index or 0) if x.device.type == CUDA else 0
-        return Array(x, fw, x.device.type, device_id, dtype, tuple(x.shape), tuple(x.stride()), x.data_ptr())
+        dev = x.device
+        kind = dev.type
+        if kind not in (CPU, CUDA):
+            raise ValueError(f"{op}: {name} is on device {dev}; only cpu and cuda are supported")
+        dtype = _TORCH_DTYPE_NAMES.get(x.dtype)
+        if dtype is None:
+            dtype = _TORCH_DTYPE_NAMES.setdefault(x.dtype, str(x.dtype).replace("torch.", ""))
+        device_id = (dev.index or 0) if kind == CUDA else 0
+        return Array(x, fw, kind, device_id, dtype, tuple(x.shape), tuple(x.stride()), x.data_ptr())
     if fw == "numpy":
         dtype = _numpy_dtype_name(x.dtype)
         return Array(x, fw, CPU, 0, dtype, tuple(x.shape), _element_strides(x.strides, x.itemsize, name, op),

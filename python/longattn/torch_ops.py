@@ -12,6 +12,26 @@ from torch import library as op_lib
 
 custom_op, register_autograd = op_lib.custom_op, op_lib.register_autograd
 
+
+def _direct(*tensors) -> bool:
+    """Whether a call may skip the torch dispatcher and run its op's body directly (the same
+    function the op runs, so the same result): eager mode (not compiling, tracing or
+    profiling), no torch function or dispatch mode and no functorch transform active, plain
+    CPU / CUDA tensors (no subclass: FakeTensor, FunctionalTensor, DTensor, ...) and nothing
+    for autograd to record. The dispatcher and custom-op wrappers cost ~20 us per call on a
+    2-core VM, more than a decoding step's kernel."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._autograd._profiler_enabled()
+            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or t.device.type not in ("cpu", "cuda"):
+            return False
+    return True
+
 from . import rope as _rope
 
 # ---- RoPE ----------------------------------------------------------------------------
@@ -21,6 +41,10 @@ from . import rope as _rope
 def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
          attention_factor: float, interleaved: bool, conjugate: bool) -> List[torch.Tensor]:
     """Out-of-place RoPE; returns [q_rot] or [q_rot, k_rot] (contiguous)."""
+    return _rope_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate)
+
+
+def _rope_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
     freqs = _rope.inv_freq_values(inv_freq)
     q_out, k_out = _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, False)
     return [q_out] if k is None else [q_out, k_out]
@@ -70,6 +94,10 @@ register_autograd("longattn::rope", _rope_backward, setup_context=_rope_setup_co
 def rope_(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.Tensor], inv_freq: torch.Tensor,
           attention_factor: float, interleaved: bool, conjugate: bool) -> None:
     """In-place RoPE: rotates q (and k) in their own memory."""
+    _rope_inplace_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate)
+
+
+def _rope_inplace_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
     freqs = _rope.inv_freq_values(inv_freq)
     _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, True)
 
@@ -132,9 +160,14 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
             if k is not None:
                 k.copy_(outs[1])
         else:
-            torch.ops.longattn.rope_(q, k, positions, freqs, attention_factor, interleaved, False)
+            args = (q, k, positions, freqs, attention_factor, interleaved, False)
+            if _direct(q, k, positions, freqs):
+                _rope_inplace_body(*args)
+            else:
+                torch.ops.longattn.rope_(*args)
         return q if k is None else (q, k)
-    outs = torch.ops.longattn.rope(q, k, positions, freqs, attention_factor, interleaved, False)
+    args = (q, k, positions, freqs, attention_factor, interleaved, False)
+    outs = _rope_body(*args) if _direct(q, k, positions, freqs) else torch.ops.longattn.rope(*args)
     return outs[0] if k is None else (outs[0], outs[1])
 
 
@@ -151,6 +184,12 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """Returns (out, lse): out contiguous like q with v's head dim; lse float32
     (batch, heads, seqlen_q), or (heads, total_q) for packed input. `deterministic` only
     selects the backward (it is saved for autograd)."""
+    return _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                         softcap, alibi_slopes, window_left, window_right, causal, deterministic)
+
+
+def _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
+                                  alibi_slopes, window_left, window_right, causal, deterministic):
     return _attention.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                      alibi_slopes, window_left, window_right, causal)
 
@@ -223,9 +262,11 @@ def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministi
                             f"tensor; pass arrays of one framework")
     # `deterministic` rides along in the forward op so autograd can hand it to the backward
     # (the CPU backward is deterministic by construction; CUDA then avoids atomics).
-    return torch.ops.longattn.flash_attention_forward(q, k, v, cu_q, cu_k, int(max_q or 0), int(max_k or 0),
-                                                      opts["scale"], opts["softcap"], alibi, opts["window_left"],
-                                                      opts["window_right"], opts["causal"], bool(deterministic))
+    args = (q, k, v, cu_q, cu_k, int(max_q or 0), int(max_k or 0), opts["scale"], opts["softcap"], alibi,
+            opts["window_left"], opts["window_right"], opts["causal"], bool(deterministic))
+    if _direct(q, k, v, cu_q, cu_k, alibi):
+        return _flash_attention_forward_body(*args)
+    return torch.ops.longattn.flash_attention_forward(*args)
 
 
 # ---- block-sparse attention ----------------------------------------------------------
@@ -245,6 +286,14 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    q_bits: torch.Tensor, block_q: int, block_k: int, causal: bool,
                                    window_left: int, window_right: int, sink_tokens: int, scale: float,
                                    softcap: float, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _block_sparse_forward_body(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num,
+                                      full_q_idx, bits, kv_bits, q_bits, block_q, block_k, causal, window_left,
+                                      window_right, sink_tokens, scale, softcap, deterministic)
+
+
+def _block_sparse_forward_body(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
+                               bits, kv_bits, q_bits, block_q, block_k, causal, window_left, window_right,
+                               sink_tokens, scale, softcap, deterministic):
     sched = _block_sparse.make_schedule((kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx,
                                          bits, kv_bits, q_bits),
                                         block_q, block_k, (causal, window_left, window_right, sink_tokens))
@@ -311,9 +360,11 @@ def block_sparse_attention(q, k, v, lists, block_q, block_k, fields, opts, deter
                             f"torch tensor; pass arrays of one framework")
     tensors = [x if isinstance(x, torch.Tensor) else torch.from_numpy(x.copy()) for x in lists]  # masks keep read-only arrays
     causal, wl, wr, sink = fields
-    return torch.ops.longattn.block_sparse_attention_forward(q, k, v, *tensors, int(block_q), int(block_k), causal, wl,
-                                                             wr, sink, opts["scale"], opts["softcap"],
-                                                             bool(deterministic))
+    args = (q, k, v, *tensors, int(block_q), int(block_k), causal, wl, wr, sink, opts["scale"], opts["softcap"],
+            bool(deterministic))
+    if _direct(q, k, v, *tensors):
+        return _block_sparse_forward_body(*args)
+    return torch.ops.longattn.block_sparse_attention_forward(*args)
 
 
 # ---- linear attention ----------------------------------------------------------------
@@ -335,6 +386,12 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              normalize: bool, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, S, z): out like v (contiguous), final state S (N, H, K, V) and
     normalizer z (N, H, K) in the compute dtype (z is zeros unless normalize)."""
+    return _linear_attention_forward_body(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale,
+                                          feature_map, causal, normalize, chunk_size)
+
+
+def _linear_attention_forward_body(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
+                                   causal, normalize, chunk_size):
     out, S, z = _linear_forward_arrays(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
                                        causal, normalize, chunk_size)
     if z is None:
@@ -416,6 +473,10 @@ def linear_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
                            state: torch.Tensor, z: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                            scale: float, feature_map: int, normalize: bool) -> torch.Tensor:
     """In-place recurrent step: reads and overwrites state (and z); returns out."""
+    return _linear_attention_step_body(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, normalize)
+
+
+def _linear_attention_step_body(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, normalize):
     out, _, _ = _linear_forward_arrays(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, True, normalize,
                                        64, state, z, op="linear_attention_step")
     return out
@@ -460,16 +521,22 @@ def _linear_inputs(q, k, v, opts, log_decay, state, cu_seqlens, op, state_name="
 
 def linear_attention(q, k, v, opts, log_decay, initial_state, cu_seqlens, op):
     g, S0, z0, cu = _linear_inputs(q, k, v, opts, log_decay, initial_state, cu_seqlens, op)
-    out, S, z = torch.ops.longattn.linear_attention_forward(q, k, v, g, S0, z0, cu, opts["scale"], opts["feature_map"],
-                                                           opts["causal"], opts["normalize"], opts["chunk_size"])
+    out, S, z = _linear_forward(q, k, v, g, S0, z0, cu, opts["scale"], opts["feature_map"], opts["causal"],
+                                opts["normalize"], opts["chunk_size"])
     return out, S, (z if opts["normalize"] else None)
+
+
+def _linear_forward(*args):
+    if _direct(*args[:7]):
+        return _linear_attention_forward_body(*args)
+    return torch.ops.longattn.linear_attention_forward(*args)
 
 
 def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, op):
     if not inplace:
         g, S0, z0, cu = _linear_inputs(q, k, v, opts, log_decay, state, cu_seqlens, op, "state")
-        out, S, z = torch.ops.longattn.linear_attention_forward(q, k, v, g, S0, z0, cu, opts["scale"],
-                                                               opts["feature_map"], True, opts["normalize"], 64)
+        out, S, z = _linear_forward(q, k, v, g, S0, z0, cu, opts["scale"], opts["feature_map"], True,
+                                    opts["normalize"], 64)
         return out, S, (z if opts["normalize"] else None)
     S_in, z_in = _linear_split_state(state, opts["normalize"], "state", op)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -494,6 +561,7 @@ def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, 
         return out, S_in, z_in
     g = _linear_tensor(log_decay, "log_decay", op, cd)
     cu = _linear_tensor(cu_seqlens, "cu_seqlens", op)
-    out = torch.ops.longattn.linear_attention_step_(q, k, v, g, S_in, z_in, cu, opts["scale"], opts["feature_map"],
-                                                    opts["normalize"])
+    args = (q, k, v, g, S_in, z_in, cu, opts["scale"], opts["feature_map"], opts["normalize"])
+    out = (_linear_attention_step_body(*args) if _direct(*args[:7])
+           else torch.ops.longattn.linear_attention_step_(*args))
     return out, S_in, z_in
