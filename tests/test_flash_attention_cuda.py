@@ -249,6 +249,41 @@ def test_varlen_matches_cpu(dtype, causal, d):
         check(name, a, r, n, dtype)
 
 
+# ---- decoding: few CTAs, so the CUDA forward splits the keys (split-KV) ----------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk,h,hkv,causal,window", [
+    (1, 4096, 8, 8, False, (-1, -1)),
+    (4, 16391, 8, 2, True, (-1, -1)),  # odd key count: a partial last tile
+    (1, 5000, 4, 1, False, (1000, 0)),  # sliding window: the ranges cover the window only
+    (2, 700, 2, 2, True, (-1, -1)),
+])
+def test_decoding_over_many_keys(dtype, sq, sk, h, hkv, causal, window):
+    torch.manual_seed(11)
+    d = 128
+    q, k, v = rand(1, sq, h, d, dtype=dtype), rand(1, sk, hkv, d, dtype=dtype), rand(1, sk, hkv, d, dtype=dtype)
+    compare(q, k, v, dtype, grads=False, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_decoding_over_many_keys(dtype):
+    torch.manual_seed(12)
+    lens_k = [5000, 17, 3000, 0]
+    lens_q = [1, 1, 1, 1]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+    q, k, v = rand(4, 8, 64, dtype=dtype), rand(sum(lens_k), 2, 64, dtype=dtype), rand(sum(lens_k), 2, 64, dtype=dtype)
+    out, lse = longattn.flash_attention_varlen(q, k, v, cu_q.to(DEV), cu_k.to(DEV), return_lse=True)
+    ref_out, ref_lse = longattn.flash_attention_varlen(cpu32(q), cpu32(k), cpu32(v), cu_q, cu_k, return_lse=True)
+    for b in range(4):
+        sk = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        if lens_k[b] == 0:  # no keys: exactly 0 and -inf
+            assert (out[b].float() == 0).all() and torch.isinf(lse[:, b]).all()
+            continue
+        nv, _, _ = run_naive(q[b:b + 1][None], k[sk][None], v[sk][None])
+        check(f"out[{b}]", out[b:b + 1], ref_out[b:b + 1], nv[0], dtype)
+    check_lse(lse, ref_lse)
+
+
 # ---- lse gradient -------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lse_gradient(dtype):

@@ -54,6 +54,17 @@ def attention_cases():
 
     yield "flash varlen causal alibi MQA", varlen
 
+    def decode():  # few CTAs: the forward splits the keys and merges the partials
+        q, k, v = randn(1, 1, 8, 128, grad=False), randn(1, 1000, 2, 128, grad=False), randn(1, 1000, 2, 128, grad=False)
+        longattn.flash_attention(q, k, v, return_lse=True)
+        lens = [700, 0, 33]
+        cu_k = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=DEV, dtype=torch.int32)
+        cu_q = torch.arange(4, device=DEV, dtype=torch.int32)
+        kk, vv = randn(sum(lens), 2, 64, grad=False), randn(sum(lens), 2, 64, grad=False)
+        longattn.flash_attention_varlen(randn(3, 4, 64, grad=False), kk, vv, cu_q, cu_k, window=(100, 0))
+
+    yield "flash split-KV decoding (dense GQA, varlen with an empty sequence)", decode
+
 
 def block_sparse_cases():
     for bq, bk in ((64, 64), (128, 64), (64, 128), (128, 128)):

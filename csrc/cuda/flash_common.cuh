@@ -540,6 +540,16 @@ struct KeyTiles {
     next_j0 = kb_begin * N;
     end_j0 = kb_end * N;
   }
+  // Split-KV: keep this CTA's share of the tiles, range `split` of `splits` near-equal
+  // ranges (possibly empty: then nothing is walked and the partial row is empty).
+  __device__ __forceinline__ void keep_split(int split, int splits) {
+    if (!more) return;
+    const int tiles = (end_j0 - next_j0) / N, per = (tiles + splits - 1) / splits;
+    const int b = next_j0 + min(tiles, split * per) * N, e = min(end_j0, b + per * N);
+    next_j0 = b;
+    end_j0 = e;
+    more = b < e;
+  }
   // Takes the next tile: returns its first key, its mode (always kFull here) and whether
   // the element mask applies to it.
   __device__ __forceinline__ int take(const BlockSparseSchedule&, int, int& mode, bool& masked) {

@@ -36,7 +36,21 @@ struct FwdArgs {
   AttentionParams p;
   BlockSparseSchedule sparse;  // read by the Sparse variant only (a copy: p.sparse is a host pointer)
   bool vec_q, vec_k, vec_v;    // cp.async allowed (see load_tile)
+  // Split-KV (dense schedules only): gridDim.z = splits key ranges per query block, each
+  // writing its normalized float32 O and its lse to the partials, which
+  // flash_fwd_merge_kernel combines into out / lse. Partial row (split, head, token) lies at
+  // (split * heads + head) * part_rows + token, token = b * seqlen_q + i (dense) or the
+  // packed index (varlen); O rows hold head_dim_v floats.
+  int splits = 1;
+  int64_t part_rows = 0;
+  float* part_o = nullptr;
+  float* part_lse = nullptr;
 };
+
+// The partials' query token of row i of sequence b (see FwdArgs).
+__host__ __device__ inline int64_t part_token(const AttentionParams& p, int b, int64_t tq, int64_t i) {
+  return (p.cu_seqlens_q ? tq : int64_t(b) * p.seqlen_q) + i;
+}
 
 template <int Dp, bool Sparse>
 __host__ __device__ constexpr int fwd_tile_bytes() {
@@ -80,6 +94,9 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
 
   KeyTiles<N, Sparse> tiles;
   tiles.init(p, args.sparse, s, b, h, i0, M, rows, smem_raw + fwd_tile_bytes<Dp, Sparse>());
+  if constexpr (!Sparse) {
+    if (args.splits > 1) tiles.keep_split(int(blockIdx.z), args.splits);  // uniform
+  }
   // K / V of the next tile (tiles.next_j0, so the walk is at that tile) into `stage`, and
   // with bit masks its words into that stage's words of Q's row padding (pad_bits).
   auto load_kv = [&](int j0, int stage) {
@@ -258,6 +275,25 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     inv[x] = l[x] > 0.f ? 1.f / l[x] : 0.f;
   }
 
+  if (args.splits > 1) {  // uniform: this key range's normalized O and lse into the partials
+    const int64_t base = (int64_t(blockIdx.z) * p.heads + h) * args.part_rows;
+#pragma unroll
+    for (int x = 0; x < R; ++x) {
+      const int r = int(qrow(x) - i0), st = x / 2, half = x % 2;
+      if (r >= rows) continue;
+      const int64_t row = base + part_token(p, b, s.tq, qrow(x));
+      float* dst = args.part_o + row * Dv;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const int c = d * 8 + 2 * t;
+        if (c < Dv) dst[c] = o[st][d][2 * half] * inv[x];
+        if (c + 1 < Dv) dst[c + 1] = o[st][d][2 * half + 1] * inv[x];
+      }
+      if (t == 0) args.part_lse[row] = l[x] > 0.f ? m[x] + logf(l[x]) : -INFINITY;
+    }
+    return;
+  }
+
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
   const bool pair_ok = (reinterpret_cast<uintptr_t>(p.out) & 3u) == 0 && p.out_stride[0] % 2 == 0 &&
                        p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
@@ -285,7 +321,69 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   }
 }
 
+// Combines the splits' partials of each (token, head) row, one warp per row (lanes over the
+// head_dim_v columns): out = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse), lse =
+// max + log sum_s w_s (merge_states' math). Splits that saw no visible key have lse = -inf
+// and weight 0; a row with none gets O = 0 and lse = -inf, as without splits.
+constexpr int kMergeRowsPerCta = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeRowsPerCta * 32) flash_fwd_merge_kernel(const FwdArgs args) {
+  const AttentionParams& p = args.p;
+  const int lane = threadIdx.x % 32;
+  const int64_t idx = int64_t(blockIdx.x) * kMergeRowsPerCta + threadIdx.x / 32;
+  if (idx >= args.part_rows * p.heads) return;
+  const int h = int(idx % p.heads);
+  const int64_t tok = idx / p.heads;
+  // dense: token = b * seqlen_q + i; varlen: b = 0 (batch strides are 0), i = the packed token
+  const int64_t b = p.cu_seqlens_q ? 0 : tok / p.seqlen_q, i = p.cu_seqlens_q ? tok : tok % p.seqlen_q;
+  const int64_t split_stride = p.heads * args.part_rows;
+  const int64_t row0 = int64_t(h) * args.part_rows + tok;  // split 0
+  float mx = -INFINITY, total = 0.f;
+  for (int sp = 0; sp < args.splits; ++sp) mx = fmaxf(mx, args.part_lse[row0 + sp * split_stride]);
+  if (mx != -INFINITY)
+    for (int sp = 0; sp < args.splits; ++sp)
+      total += exp2f((args.part_lse[row0 + sp * split_stride] - mx) * kLog2e);  // exp2(-inf) = 0
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int Dv = int(p.head_dim_v);
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + i * p.out_stride[1] + h * p.out_stride[2];
+  for (int c = lane; c < Dv; c += 32) {
+    float acc = 0.f;
+    if (total > 0.f)
+      for (int sp = 0; sp < args.splits; ++sp) {
+        const int64_t row = row0 + sp * split_stride;
+        acc += exp2f((args.part_lse[row] - mx) * kLog2e) * args.part_o[row * Dv + c];
+      }
+    out[c] = from_f<T>(acc * inv);
+  }
+  if (lane == 0 && p.lse)
+    p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] =
+        total > 0.f ? mx + logf(total) : -INFINITY;
+}
+
+// Key ranges per query block for a dense schedule: 1 unless the grid's CTAs (query blocks x
+// heads x batch) fill fewer than all `sms` multiprocessors; then about 2 CTAs per SM, each
+// range at least 2 key tiles, at most 64 ranges (FlashAttention-2's split-KV decoding idea).
+// The split depends on the shapes and the GPU, so results (not their accuracy) can differ
+// in the last bits between GPUs with different SM counts.
+inline int fwd_splits(int64_t ctas, int64_t seqlen_k, int block_n, int sms) {
+  if (ctas <= 0 || ctas >= sms) return 1;
+  const int64_t tiles = (seqlen_k + block_n - 1) / block_n;
+  const int64_t want = (2 * int64_t(sms) + ctas - 1) / ctas;
+  const int64_t n = std::min<int64_t>(std::min<int64_t>(want, tiles / 2), 64);
+  return n >= 2 ? int(n) : 1;
+}
+
 #if !defined(LONGATTN_FLASH_EMULATE)
+inline int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear: no split then
+    return 0;
+  }
+  return n;
+}
+
 template <typename T, int Dp>
 cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<Dp>;
@@ -307,8 +405,36 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   if (!grid_fits(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)) return cudaErrorInvalidConfiguration;
-  const dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);
+  dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);
   const int threads = (p.sparse ? FwdLayout<Dp, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32;
+  if (!p.sparse) {
+    a.splits = fwd_splits(int64_t(grid.x) * grid.y, p.seqlen_k, FwdLayout<Dp, false>::kBlockN, sm_count());
+    if (a.splits > 1) {
+      // Partials from the stream-ordered pool (cudaMallocAsync), freed after the merge; if
+      // the pool cannot serve them, the call runs unsplit.
+      a.part_rows = p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q;
+      const size_t n = size_t(a.splits) * size_t(p.heads) * size_t(a.part_rows);
+      void* ws = nullptr;
+      if (cudaMallocAsync(&ws, n * (size_t(p.head_dim_v) + 1) * sizeof(float), stream) != cudaSuccess) {
+        cudaGetLastError();
+        a.splits = 1;
+      } else {
+        a.part_lse = static_cast<float*>(ws);
+        a.part_o = a.part_lse + n;
+        grid.z = unsigned(a.splits);
+        kernel<<<grid, threads, smem, stream>>>(a);
+        cudaError_t e = cudaGetLastError();
+        if (e == cudaSuccess) {
+          const int64_t rows = a.part_rows * p.heads;
+          flash_fwd_merge_kernel<T><<<unsigned((rows + kMergeRowsPerCta - 1) / kMergeRowsPerCta),
+                                      kMergeRowsPerCta * 32, 0, stream>>>(a);
+          e = cudaGetLastError();
+        }
+        const cudaError_t f = cudaFreeAsync(ws, stream);
+        return e != cudaSuccess ? e : f;
+      }
+    }
+  }
   kernel<<<grid, threads, smem, stream>>>(a);
   return cudaGetLastError();
 }

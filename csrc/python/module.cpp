@@ -292,6 +292,7 @@ AttentionParams attention_params(const char* op, const TensorView& q, const Tens
     p.seqlen_q = q.shape[1];
     p.seqlen_k = k.shape[1];
   }
+  p.total_q = varlen ? q.shape[0] : p.batch * p.seqlen_q;
   if (lse) {
     LONGATTN_CHECK_TYPE(lse->dtype == DType::Float32, cat(op, ": lse must be float32, got ", dtype_name(lse->dtype)));
     same_device(op, "lse", *lse, "q", q);

@@ -50,6 +50,7 @@ struct Cfg {
   double softcap = 0;
   std::vector<int> lens_q, lens_k;  // varlen
   SparseCfg sparse;
+  int splits = 1;  // forward key ranges (split-KV; dense schedules), merged by flash_fwd_merge_kernel
 };
 
 template <typename T>
@@ -269,6 +270,7 @@ struct Run {
       p.seqlen_q = c.Sq;
       p.seqlen_k = c.Sk;
     }
+    p.total_q = Tq;
     p.scale = 1.0 / std::sqrt(double(c.D));
     p.softcap = c.softcap;
     p.alibi_slopes = c.alibi ? slopes.data() : nullptr;
@@ -373,8 +375,22 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_k = vec_ok(R.p.k, R.p.k_stride);
     a.vec_v = vec_ok(R.p.v, R.p.v_stride);
     using Tr = FwdTraits<Dp>;
-    const emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
-    if (cfg.sparse.on) {
+    emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
+    std::vector<float> part;  // the split partials: lse of every row, then O
+    if (cfg.splits > 1 && !cfg.sparse.on) {
+      a.splits = cfg.splits;
+      a.part_rows = R.Tq;
+      const size_t n = size_t(cfg.splits) * cfg.H * R.Tq;
+      part.assign(n * (cfg.Dv + 1), 7.f);  // garbage: the forward writes every row it merges
+      a.part_lse = part.data();
+      a.part_o = part.data() + n;
+      grid.z = unsigned(cfg.splits);
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); },
+                  fwd_smem_bytes<Dp, false>());
+      const int64_t rows = R.Tq * cfg.H;
+      emu::launch(emu::Dim3{unsigned((rows + kMergeRowsPerCta - 1) / kMergeRowsPerCta), 1, 1}, kMergeRowsPerCta * 32,
+                  [&] { flash_fwd_merge_kernel<T>(a); }, 0);
+    } else if (cfg.sparse.on) {
       a.sparse = R.bs;
       emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp, true>());
     } else {
@@ -472,8 +488,10 @@ bool run_dispatch(const std::string& name, const Cfg& c) {
 
 // Random configurations, bucketed as attention.cu would dispatch them.
 int fuzz(int n, unsigned seed) {
-  std::mt19937 rng(seed);
+  // splits come from a second generator so a seed draws the same other fields as before.
+  std::mt19937 rng(seed), srng(seed ^ 0x9e3779b9u);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  auto spick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(srng); };
   int fails = 0;
   for (int it = 0; it < n; ++it) {
     Cfg c;
@@ -501,10 +519,11 @@ int fuzz(int n, unsigned seed) {
         c.lens_k.push_back(pick(0, 100));
       }
     }
+    c.splits = spick(0, 2) == 0 ? spick(2, 9) : 1;
     char name[200];
-    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d", it, c.B, c.H,
-                  c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi), int(c.dlse),
-                  int(c.deterministic), int(c.varlen));
+    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d sp%d", it, c.B,
+                  c.H, c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi), int(c.dlse),
+                  int(c.deterministic), int(c.varlen), c.splits);
     fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
                         : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
   }
@@ -750,6 +769,66 @@ int main(int argc, char** argv) {
     c.wl = 30;
     c.wr = 10;
     run("f16 d256 gqa window", [&] { return run_case<__half, 256>("f16 d256 gqa window", c); });
+  }
+  run("split heuristic", [&] {
+    // 8 CTAs on 132 SMs over 64 tiles: ~2 CTAs per SM; few tiles, a full grid, an empty one: no split.
+    const bool ok = fwd_splits(8, 4096, 64, 132) == 32 && fwd_splits(8, 1 << 20, 64, 132) == 33 &&
+                    fwd_splits(1, 1 << 20, 64, 132) == 64 && fwd_splits(8, 100, 64, 132) == 1 &&
+                    fwd_splits(132, 1 << 20, 64, 132) == 1 && fwd_splits(0, 4096, 64, 132) == 1 &&
+                    fwd_splits(8, 4096, 64, 0) == 1 && fwd_splits(100, 4096, 64, 132) == 3;
+    std::printf("%-4s split heuristic\n", ok ? "ok" : "FAIL");
+    return ok;
+  });
+  // Split-KV: key ranges of uneven tile counts, empty ranges (more splits than tiles, no
+  // keys), causal / window / varlen / GQA / ALiBi / softcap, merged by the merge kernel.
+  {
+    Cfg c = base;
+    c.H = 4;
+    c.Hkv = 2;
+    c.Sq = 1;
+    c.Sk = 700;  // 11 tiles of 64 over 5 ranges: 3, 3, 3, 2 and an empty one
+    c.splits = 5;
+    run("split f16 d64 decode gqa", [&] { return run_case<__half, 64>("split f16 d64 decode gqa", c); });
+  }
+  {
+    Cfg c = base;
+    c.H = 4;
+    c.Hkv = 1;
+    c.D = c.Dv = 128;
+    c.Sq = 70;
+    c.Sk = 300;
+    c.causal = true;
+    c.alibi = true;
+    c.dlse = true;
+    c.splits = 3;
+    run("split bf16 d128 causal mqa alibi", [&] { return run_case<__nv_bfloat16, 128>("split bf16 d128 causal mqa alibi", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = c.Dv = 32;
+    c.varlen = true;
+    c.B = 3;
+    c.lens_q = {1, 0, 5};
+    c.lens_k = {200, 9, 130};
+    c.wl = 40;
+    c.softcap = 4;
+    c.splits = 4;
+    run("split f16 d32 varlen window softcap", [&] { return run_case<__half, 32>("split f16 d32 varlen window softcap", c); });
+  }
+  {
+    Cfg c = base;
+    c.D = 256;
+    c.Dv = 200;
+    c.Sq = 2;
+    c.Sk = 50;  // 2 tiles of 32 over 8 ranges: 6 empty
+    c.splits = 8;
+    run("split bf16 d256/200 more ranges than tiles", [&] {
+      return run_case<__nv_bfloat16, 256>("split bf16 d256/200 more ranges than tiles", c);
+    });
+    c.Sq = 3;
+    c.Sk = 0;  // no keys at all: out 0, lse -inf
+    c.splits = 3;
+    run("split bf16 d256/200 no keys", [&] { return run_case<__nv_bfloat16, 256>("split bf16 d256/200 no keys", c); });
   }
   // Block-sparse: the forward CTA (128 rows for D <= 128, 64 above) covers two 64-row
   // query blocks, one, or half of a 128-row block; key tiles (64, or 32 for D = 256) cut

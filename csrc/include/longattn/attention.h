@@ -78,6 +78,7 @@ struct AttentionParams {
 
   int64_t batch = 0, heads = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
   int64_t seqlen_q = 0, seqlen_k = 0;  // dense: every sequence; varlen: the maximum
+  int64_t total_q = 0;                 // query tokens of the call: batch * seqlen_q, or the packed count
   // Element strides over (batch, token, head); the last dim is contiguous. Packed
   // variable-length input has batch stride 0 and per-sequence token offsets cu_seqlens.
   int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, out_stride[3] = {};
