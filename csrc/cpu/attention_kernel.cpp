@@ -833,6 +833,45 @@ void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t 
   for (int64_t r = 0; r < rows; ++r) lse[r] = l[r] > C(0) ? m[r] + std::log(l[r]) : neg_inf<C>();
 }
 
+// P = exp(S - lse) for a plain tile (see forward_block) of the backward: the Q K^T GEMM
+// with exp taken on each register tile; rows with lse = -inf (no visible key, or padding)
+// get 0.
+template <typename C>
+__attribute__((noinline)) void probs_gemm(int64_t D, const C* qs, int64_t dp, const C* kt, const C* lse, C* P) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  gemm_epilogue<C, false, false>(kBlockQ, kBlockK, D, qs, dp, kt, kBlockK, P, kBlockK,
+                                 [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
+#pragma GCC unroll 4
+                                   for (int r = 0; r < kGemmRows; ++r) {
+                                     C* out = P + (m0 + r) * kBlockK + n0;
+                                     const C shift = lse[m0 + r];
+#pragma GCC unroll 4
+                                     for (int c = 0; c < kGemmCols; ++c)
+                                       vstore(out + c * W, shift == neg_inf<C>() ? V{} : exp_vec(acc[r][c] - shift));
+                                   }
+                                 });
+}
+
+// dS = P * (dO V^T - delta): the dP GEMM with the softmax backward taken on each register
+// tile (no softcap: its factor 1 - tanh^2 needs the tile's tanh values).
+template <typename C>
+__attribute__((noinline)) void dscores_gemm(int64_t Dv, const C* dout, int64_t dvp, const C* vt, const C* P,
+                                            const C* delta, C* dS) {
+  constexpr int W = Vec<C>::N;
+  gemm_epilogue<C, false, false>(kBlockQ, kBlockK, Dv, dout, dvp, vt, kBlockK, dS, kBlockK,
+                                 [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
+#pragma GCC unroll 4
+                                   for (int r = 0; r < kGemmRows; ++r) {
+                                     const int64_t at = (m0 + r) * kBlockK + n0;
+                                     const C dl = delta[m0 + r];
+#pragma GCC unroll 4
+                                     for (int c = 0; c < kGemmCols; ++c)
+                                       vstore(dS + at + c * W, vload(P + at + c * W) * (acc[r][c] - dl));
+                                   }
+                                 });
+}
+
 template <typename T, typename C>
 void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   const AttentionParams& p = g.fwd;
@@ -915,29 +954,37 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         const C* ktb = kt + kb * dp * kBlockK;
         const C* kpb = kp + kb * kBlockK * dp;
         const C* vtb = vt + kb * dvp * kBlockK;
-        gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
-        finish_scores<C>(p, s, slope, i0, rows, visit, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
-        for (int64_t r = 0; r < kBlockQ; ++r) {  // P = exp(S - lse); rows with lse = -inf are 0
-          C* row = S.data() + r * kBlockK;
-          if (lse[r] == neg_inf<C>()) {
-            std::fill(row, row + kBlockK, C(0));
-            continue;
+        // P = exp(S - lse); rows with lse = -inf are 0. Plain tiles (as in forward_block)
+        // take exp inside the GEMM.
+        const bool plain = !visit.masked && !visit.state && !(p.softcap > 0.f) && !p.alibi_slopes &&
+                           j0 + kBlockK <= s.sk;
+        if (plain) {
+          probs_gemm<C>(D, qs.data(), dp, ktb, lse.data(), S.data());
+        } else {
+          gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
+          finish_scores<C>(p, s, slope, i0, rows, visit, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
+          for (int64_t r = 0; r < kBlockQ; ++r) {
+            C* row = S.data() + r * kBlockK;
+            if (lse[r] == neg_inf<C>()) {
+              std::fill(row, row + kBlockK, C(0));
+              continue;
+            }
+            exp_shifted_sum(row, kBlockK, lse[r]);
           }
-          exp_shifted_sum(row, kBlockK, lse[r]);
         }
         // dV += P^T dO (P read transposed in place)
         gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc + j0 * dvp, dvp);
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
-        gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
-        for (int64_t r = 0; r < kBlockQ; ++r)
-          for (int64_t c = 0; c < kBlockK; ++c) {
-            C ds = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]);
-            if (p.softcap > 0.f) {
+        if (!(p.softcap > 0.f)) {
+          dscores_gemm<C>(Dv, dout.data(), dvp, vtb, S.data(), delta.data(), dP.data());
+        } else {
+          gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
+          for (int64_t r = 0; r < kBlockQ; ++r)
+            for (int64_t c = 0; c < kBlockK; ++c) {
               const C t = c < cols && r < rows ? T_[r * kBlockK + c] : C(0);
-              ds *= C(1) - t * t;
+              dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]) * (C(1) - t * t);
             }
-            dP[r * kBlockK + c] = ds;
-          }
+        }
         // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
         gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
         gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc + j0 * dp, dp);
