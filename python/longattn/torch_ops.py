@@ -13,7 +13,7 @@ from torch import library as op_lib
 custom_op, register_autograd = op_lib.custom_op, op_lib.register_autograd
 
 
-def _direct(*tensors) -> bool:
+def _direct(*args) -> bool:
     """Whether a call may skip the torch dispatcher and run its op's body directly (the same
     function the op runs, so the same result): eager mode (not compiling, tracing or
     profiling), no torch function or dispatch mode and no functorch transform active, plain
@@ -25,12 +25,18 @@ def _direct(*tensors) -> bool:
             or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
+    for t in args:
+        if not isinstance(t, torch.Tensor):  # None and plain options (ints, floats, strings)
             continue
         if type(t) is not torch.Tensor or (grad and t.requires_grad) or t.device.type not in ("cpu", "cuda"):
             return False
     return True
+
+
+def _call(op, body, *args):
+    """op(*args) through the dispatcher, or body(*args), the function op runs, where
+    _direct allows it."""
+    return body(*args) if _direct(*args) else op(*args)
 
 from . import rope as _rope
 
@@ -160,14 +166,10 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
             if k is not None:
                 k.copy_(outs[1])
         else:
-            args = (q, k, positions, freqs, attention_factor, interleaved, False)
-            if _direct(q, k, positions, freqs):
-                _rope_inplace_body(*args)
-            else:
-                torch.ops.longattn.rope_(*args)
+            _call(torch.ops.longattn.rope_, _rope_inplace_body, q, k, positions, freqs, attention_factor, interleaved,
+                  False)
         return q if k is None else (q, k)
-    args = (q, k, positions, freqs, attention_factor, interleaved, False)
-    outs = _rope_body(*args) if _direct(q, k, positions, freqs) else torch.ops.longattn.rope(*args)
+    outs = _call(torch.ops.longattn.rope, _rope_body, q, k, positions, freqs, attention_factor, interleaved, False)
     return outs[0] if k is None else (outs[0], outs[1])
 
 
@@ -262,11 +264,9 @@ def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministi
                             f"tensor; pass arrays of one framework")
     # `deterministic` rides along in the forward op so autograd can hand it to the backward
     # (the CPU backward is deterministic by construction; CUDA then avoids atomics).
-    args = (q, k, v, cu_q, cu_k, int(max_q or 0), int(max_k or 0), opts["scale"], opts["softcap"], alibi,
-            opts["window_left"], opts["window_right"], opts["causal"], bool(deterministic))
-    if _direct(q, k, v, cu_q, cu_k, alibi):
-        return _flash_attention_forward_body(*args)
-    return torch.ops.longattn.flash_attention_forward(*args)
+    return _call(torch.ops.longattn.flash_attention_forward, _flash_attention_forward_body, q, k, v, cu_q, cu_k,
+                 int(max_q or 0), int(max_k or 0), opts["scale"], opts["softcap"], alibi, opts["window_left"],
+                 opts["window_right"], opts["causal"], bool(deterministic))
 
 
 # ---- block-sparse attention ----------------------------------------------------------
@@ -360,11 +360,8 @@ def block_sparse_attention(q, k, v, lists, block_q, block_k, fields, opts, deter
                             f"torch tensor; pass arrays of one framework")
     tensors = [x if isinstance(x, torch.Tensor) else torch.from_numpy(x.copy()) for x in lists]  # masks keep read-only arrays
     causal, wl, wr, sink = fields
-    args = (q, k, v, *tensors, int(block_q), int(block_k), causal, wl, wr, sink, opts["scale"], opts["softcap"],
-            bool(deterministic))
-    if _direct(q, k, v, *tensors):
-        return _block_sparse_forward_body(*args)
-    return torch.ops.longattn.block_sparse_attention_forward(*args)
+    return _call(torch.ops.longattn.block_sparse_attention_forward, _block_sparse_forward_body, q, k, v, *tensors,
+                 int(block_q), int(block_k), causal, wl, wr, sink, opts["scale"], opts["softcap"], bool(deterministic))
 
 
 # ---- linear attention ----------------------------------------------------------------
@@ -527,9 +524,7 @@ def linear_attention(q, k, v, opts, log_decay, initial_state, cu_seqlens, op):
 
 
 def _linear_forward(*args):
-    if _direct(*args[:7]):
-        return _linear_attention_forward_body(*args)
-    return torch.ops.longattn.linear_attention_forward(*args)
+    return _call(torch.ops.longattn.linear_attention_forward, _linear_attention_forward_body, *args)
 
 
 def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, op):
@@ -561,7 +556,6 @@ def linear_attention_step(q, k, v, state, opts, log_decay, cu_seqlens, inplace, 
         return out, S_in, z_in
     g = _linear_tensor(log_decay, "log_decay", op, cd)
     cu = _linear_tensor(cu_seqlens, "cu_seqlens", op)
-    args = (q, k, v, g, S_in, z_in, cu, opts["scale"], opts["feature_map"], opts["normalize"])
-    out = (_linear_attention_step_body(*args) if _direct(*args[:7])
-           else torch.ops.longattn.linear_attention_step_(*args))
+    out = _call(torch.ops.longattn.linear_attention_step_, _linear_attention_step_body, q, k, v, g, S_in, z_in, cu,
+                opts["scale"], opts["feature_map"], opts["normalize"])
     return out, S_in, z_in
