@@ -32,14 +32,14 @@ SUITES = {
     "rope": (["rope"], {}),
     # Sanitizer builds. The TSan subsets cover each kernel and pipeline: the forward over
     # three key tiles, the atomic-dQ and the deterministic-dQ backward, the Dp 96 / 256
-    # buckets, varlen, block-sparse with bit tiles, split-KV with its merge; linear: both
-    # chunk walks with cp.async and several chunks, the normalizer's dK walk, the step
-    # kernel, varlen.
+    # buckets, varlen, block-sparse with bit tiles, split-KV with its merge, GQA packing;
+    # linear: both chunk walks with cp.async and several chunks, the normalizer's dK walk,
+    # the step kernel, varlen.
     "flash-tsan": (["bf16 d64 window long|f16 d64 window softcap alibi dlse|bf16 d80/72 gqa causal det|"
                     "f16 d256 window det|bf16 d32 varlen window alibi det|"
                     "sparse bits bf16 d128 b128/64 batch window sink dlse det|"
                     "sparse bits f16 d64 b64/128 gqa causal pool3 det|split f16 d64 decode gqa|"
-                    "split f16 d32 varlen window softcap"], {"EMU_SAN": "thread"}),
+                    "split f16 d32 varlen window softcap|pack f16 d40/72 varlen causal gqa2"], {"EMU_SAN": "thread"}),
     "linear-tsan": (["linear", "pipeline T=300 normalize relu per-head decay|pipeline non-causal T=200 normalize V=64|"
                      "step K=130|pipeline varlen"], {"EMU_SAN": "thread"}),
     "rope-tsan": (["rope"], {"EMU_SAN": "thread"}),
@@ -47,7 +47,8 @@ SUITES = {
     # loads), no keys / no queries, out-of-range bit-tile pool indices, unaligned rows.
     "flash-asan": (["bf16 d64 window long|bf16 d80/72 gqa causal det|f16 d256 window det|f16 d33 odd|"
                     "bf16 d32 varlen window alibi det|f16 d64 no keys|f16 d64 no queries|bad-ids|"
-                    "sparse f16 d64 nothing listed|split f16 d32 varlen|split bf16 d256/200"], {"EMU_SAN": "address"}),
+                    "sparse f16 d64 nothing listed|split f16 d32 varlen|split bf16 d256/200|"
+                    "pack split f16 d40/72"], {"EMU_SAN": "address"}),
     "linear-asan": (["linear", "pipeline varlen|step K=130|no final-state gradient|fallback T=300|"
                      "K=200 (bucket 256)|T=1 chunk"], {"EMU_SAN": "address"}),
     "rope-asan": (["rope"], {"EMU_SAN": "address"}),

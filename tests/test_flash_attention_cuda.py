@@ -182,6 +182,22 @@ def test_gqa(dtype, h, hkv):
     compare(q, k, v, dtype, causal=True)
 
 
+# Short query runs of a GQA group share query tiles on CUDA (GQA packing: row u of a tile
+# is query u / pack of head h0 + u % pack; fwd_pack): one query of 8 heads, 16 queries of 8
+# heads filling a 128-row tile, 45 queries of 2 of a group of 4 heads, and a group of 3.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,h,hkv,causal,window", [
+    (1, 32, 4, False, (-1, -1)),
+    (16, 32, 4, True, (-1, -1)),
+    (45, 8, 2, True, (50, 0)),
+    (33, 6, 3, False, (20, 20)),
+])
+def test_gqa_packed_query_tiles(dtype, sq, h, hkv, causal, window):
+    torch.manual_seed(13)
+    q, k, v = rand(2, sq, h, 64, dtype=dtype), rand(2, 300, hkv, 64, dtype=dtype), rand(2, 300, hkv, 64, dtype=dtype)
+    compare(q, k, v, dtype, causal=causal, window=window)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (40, 24), (192, 128), (256, 200)])
 def test_different_value_head_dim(dtype, d, dv):

@@ -13,6 +13,8 @@
 #   sanitize.log           compute-sanitizer memcheck / racecheck / synccheck of
 #                          tools/gpu_sanitize_cases.py (torch's caching allocator off)
 #   bench.tar.gz           `python -m longattn bench --device cuda` JSON, Markdown, PNG
+#   bench_nopack.tar.gz    the decode entry again with LONGATTN_CUDA_GQA_PACK=0 (no GQA
+#                          packing), to compare with bench.tar.gz
 #   flash.ncu-rep, flash_ncu.txt   Nsight Compute --set full of the flash forward/backward
 #   bench_strips1.tar.gz   (layout) the attention and block-sparse benchmarks built with
 #                          LONGATTN_FWD_STRIPS=1 (one 16-row strip per warp, dense and
@@ -83,7 +85,9 @@ sanitize() {
 }
 bench() {
   $PY -m longattn bench --device cuda --no-progress --out "$OUT/bench" &&
-    tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench"
+    tar -C "$OUT" -czf "$OUT/bench.tar.gz" bench && rm -rf "$OUT/bench" &&
+    LONGATTN_CUDA_GQA_PACK=0 $PY -m longattn bench --ops decode --device cuda --no-progress --out "$OUT/bench_nopack" &&
+    tar -C "$OUT" -czf "$OUT/bench_nopack.tar.gz" bench_nopack && rm -rf "$OUT/bench_nopack"
 }
 layout_bench() {  # name, ops, build knob assignments...
   local name=$1 ops=$2; shift 2

@@ -62,8 +62,11 @@ def attention_cases():
         cu_q = torch.arange(4, device=DEV, dtype=torch.int32)
         kk, vv = randn(sum(lens), 2, 64, grad=False), randn(sum(lens), 2, 64, grad=False)
         longattn.flash_attention_varlen(randn(3, 4, 64, grad=False), kk, vv, cu_q, cu_k, window=(100, 0))
+        # GQA packing: 45 queries x 2 heads (of a group of 4) per query tile
+        longattn.flash_attention(randn(1, 45, 8, 64, grad=False), randn(1, 300, 2, 64, grad=False),
+                                 randn(1, 300, 2, 64, grad=False), causal=True, window=(50, 0))
 
-    yield "flash split-KV decoding (dense GQA, varlen with an empty sequence)", decode
+    yield "flash split-KV decoding and GQA packing (dense GQA, varlen with an empty sequence)", decode
 
 
 def block_sparse_cases():

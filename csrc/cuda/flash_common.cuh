@@ -230,14 +230,15 @@ __device__ __forceinline__ void mma_acc_x_tile(float (&c)[DT][4], const float (&
 // 16-byte aligned and row stride a multiple of 8 elements) whole 8-column chunks go through
 // cp.async; chunks that straddle ncols, or everything when !vec, are loaded element-wise
 // with ordinary loads and stores (visible after the next __syncthreads).
-template <typename T, int ROWS, int Dp, int THREADS>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int nrows, int ncols, bool vec) {
+// load_tile_rows: the same with row r at row_ptr(r) (rows that are not equally spaced).
+template <typename T, int ROWS, int Dp, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_tile_rows(T* smem, RowPtr row_ptr, int nrows, int ncols, bool vec) {
   constexpr int LD = Dp + kPad;
   constexpr int CHUNKS = Dp / 8;
   for (int c = threadIdx.x; c < ROWS * CHUNKS; c += THREADS) {
     const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
     T* dst = smem + r * LD + col;
-    const T* src = g + r * row_stride + col;
+    const T* src = r < nrows ? row_ptr(r) + col : nullptr;
     if (r < nrows && col + 8 <= ncols && vec) {
       cp_async16(dst, src, 16);
     } else if (r >= nrows || col >= ncols) {
@@ -249,6 +250,10 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_strid
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
     }
   }
+}
+template <typename T, int ROWS, int Dp, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t row_stride, int nrows, int ncols, bool vec) {
+  load_tile_rows<T, ROWS, Dp, THREADS>(smem, [&](int r) { return g + r * row_stride; }, nrows, ncols, vec);
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -1,7 +1,9 @@
 // Flash attention forward (FlashAttention-2, Dao 2023) for sm80+: mma.sync m16n8k16 with
 // fp32 accumulation, ldmatrix, cp.async double buffering of K/V tiles.
 //
-// One CTA per (query block of kBlockM rows, head, batch); warp w owns kStrips strips of 16
+// One CTA per (query block of kBlockM rows, head, batch), or with GQA packing (decoding:
+// FwdArgs::pack, fwd_pack) per (block of kBlockM packed rows of `pack` heads of one kv
+// head, head group, batch); warp w owns kStrips strips of 16
 // query rows, [16 kStrips w, 16 kStrips (w + 1)) of the block (two strips for Dp <= 128, as
 // in FlashAttention-2, so each K / V fragment loaded from shared memory feeds two MMAs), so
 // the whole softmax of a row lives in the 4 lanes of a quad (C fragment rows g and g + 8 of
@@ -26,6 +28,8 @@
 // checked on the host through tests/cuda_emulation.
 #pragma once
 
+#include <cstdlib>
+
 #include "flash_common.cuh"
 
 namespace longattn {
@@ -45,6 +49,12 @@ struct FwdArgs {
   int64_t part_rows = 0;
   float* part_o = nullptr;
   float* part_lse = nullptr;
+  // GQA packing (dense schedules without ALiBi; fwd_pack): `pack` query heads of one kv
+  // head share each query tile, packed row u of a sequence being query u / pack of head
+  // h0 + u % pack (h0 = blockIdx.y * pack), so every K / V tile loaded serves all of them.
+  // The grid then has ceil(seqlen_q * pack / kBlockM) row blocks per sequence and
+  // heads / pack columns. 1: one head per CTA.
+  int pack = 1;
 };
 
 // The partials' query token of row i of sequence b (see FwdArgs).
@@ -61,9 +71,13 @@ __host__ __device__ constexpr int fwd_smem_bytes() {
   return fwd_tile_bytes<Dp, Sparse>() + walk_smem_bytes<Sparse>();  // + the sparse walk (SharedKeyWalk)
 }
 
-template <typename T, int Dp, bool Sparse>
+// Packed: the GQA-packing variant (args.pack > 1; dense only). A separate instantiation so
+// the unpacked kernel, with pack the constant 1, keeps its registers (at D = 128 the
+// packed row arithmetic costs ~120 bytes of spills).
+template <typename T, int Dp, bool Sparse, bool Packed = false>
 __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<Dp, Sparse>::kMinBlocks)
     flash_fwd_kernel(const FwdArgs args) {
+  static_assert(!(Sparse && Packed), "GQA packing is for dense schedules");
   using Tr = FwdTraits<Dp>;
   using Ly = FwdLayout<Dp, Sparse>;
   constexpr int M = Tr::kBlockM, N = Ly::kBlockN, SP = Ly::kStrips, THREADS = Ly::kWarps * 32, LD = Dp + kPad;
@@ -78,22 +92,25 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   T* sV = sK + 2 * N * LD;  // stage s at sV + s * N * LD
 
   const AttentionParams& p = args.p;
+  const int pack = Packed ? args.pack : 1;
   int b, qblk;
-  grid_coords(p.seqlen_q, M, b, qblk);
-  const int h = blockIdx.y;
+  grid_coords(p.seqlen_q * pack, M, b, qblk);
+  const int h = blockIdx.y * pack;  // the first (with pack = 1 the only) query head of the CTA
   const Seq s = seq_of(p, b);
-  const int i0 = qblk * M;
-  if (i0 >= s.sq) return;
-  const int rows = min(M, s.sq - i0);
+  const int u0 = qblk * M;  // first packed row (see FwdArgs::pack); = first query when pack = 1
+  if (u0 >= s.sq * pack) return;
+  const int rows = min(M, s.sq * pack - u0);
+  const int i0 = u0 / pack;                     // first query of the CTA's rows
+  const int nq = (u0 + rows - 1) / pack - i0 + 1;  // queries the rows cover (= rows when pack = 1)
   const int hk = int(h / (p.heads / p.heads_kv));
   const int D = int(p.head_dim), Dv = int(p.head_dim_v);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] + h * p.q_stride[2];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + s.tq * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
 
   KeyTiles<N, Sparse> tiles;
-  tiles.init(p, args.sparse, s, b, h, i0, M, rows, smem_raw + fwd_tile_bytes<Dp, Sparse>());
+  tiles.init(p, args.sparse, s, b, h, i0, M, nq, smem_raw + fwd_tile_bytes<Dp, Sparse>());
   if constexpr (!Sparse) {
     if (args.splits > 1) tiles.keep_split(int(blockIdx.z), args.splits);  // uniform
   }
@@ -114,7 +131,11 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     }
   };
 
-  load_tile<T, M, Dp, THREADS>(sQ, q, p.q_stride[1], rows, D, args.vec_q);
+  load_tile_rows<T, M, Dp, THREADS>(sQ, [&](int r) {
+    const int u = u0 + r;  // uniform branch
+    return pack == 1 ? q + (u * p.q_stride[1] + h * p.q_stride[2])
+                     : q + ((u / pack) * p.q_stride[1] + (h + u % pack) * p.q_stride[2]);
+  }, rows, D, args.vec_q);
   if (tiles.more) load_kv(tiles.next_j0, 0);
   cp_async_commit();  // group: Q + first K/V block
 
@@ -123,10 +144,24 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   // This thread's 2 * SP query rows: row x lies in strip x / 2, C-fragment half x % 2
   // (accumulator elements 2 (x % 2) and 2 (x % 2) + 1). Their mask bounds are recomputed
   // in each masked tile rather than held in registers (the D = 128 budget is tight).
-  auto qrow = [&](int x) { return i0 + r0 + 16 * (x / 2) + g + 8 * (x % 2); };
+  // trow: the row in the tile; qrow, qhead: its query and head (packed rows: FwdArgs::pack).
+  auto trow = [&](int x) { return r0 + 16 * (x / 2) + g + 8 * (x % 2); };
+  int qi[Packed ? R : 1];  // Packed: each row's query, divided out once
+  if constexpr (Packed) {
+#pragma unroll
+    for (int x = 0; x < R; ++x) qi[x] = (u0 + trow(x)) / pack;
+  }
+  auto qrow = [&](int x) {
+    if constexpr (Packed) return qi[x];
+    else return i0 + trow(x);
+  };
+  auto qhead = [&](int x) {
+    if constexpr (Packed) return h + (u0 + trow(x) - qi[x] * pack);
+    else return h;
+  };
 
   ScoreMod mod;
-  mod.init(p, s, b, h);
+  mod.init(p, s, b, h);  // h's ALiBi slope: never packed with ALiBi
   // Sparse: which of the CTA's query blocks holds this warp's rows (16 * SP rows, which
   // divides the block size).
   const int wq = Sparse ? (i0 + r0) / int(args.sparse.block_q) - i0 / int(args.sparse.block_q) : 0;
@@ -276,12 +311,11 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
   }
 
   if (args.splits > 1) {  // uniform: this key range's normalized O and lse into the partials
-    const int64_t base = (int64_t(blockIdx.z) * p.heads + h) * args.part_rows;
 #pragma unroll
     for (int x = 0; x < R; ++x) {
-      const int r = int(qrow(x) - i0), st = x / 2, half = x % 2;
-      if (r >= rows) continue;
-      const int64_t row = base + part_token(p, b, s.tq, qrow(x));
+      const int st = x / 2, half = x % 2;
+      if (trow(x) >= rows) continue;
+      const int64_t row = (int64_t(blockIdx.z) * p.heads + qhead(x)) * args.part_rows + part_token(p, b, s.tq, qrow(x));
       float* dst = args.part_o + row * Dv;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
@@ -294,19 +328,21 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
     return;
   }
 
-  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (s.tq + i0) * p.out_stride[1] + h * p.out_stride[2];
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + s.tq * p.out_stride[1];
   const bool pair_ok = (reinterpret_cast<uintptr_t>(p.out) & 3u) == 0 && p.out_stride[0] % 2 == 0 &&
                        p.out_stride[1] % 2 == 0 && p.out_stride[2] % 2 == 0;
 #pragma unroll
   for (int x = 0; x < R; ++x) {
-    const int r = int(qrow(x) - i0), st = x / 2, half = x % 2;
-    if (r >= rows) continue;
+    const int st = x / 2, half = x % 2;
+    if (trow(x) >= rows) continue;
+    const int i = qrow(x), hh = qhead(x);
+    T* orow = out + int64_t(i) * p.out_stride[1] + int64_t(hh) * p.out_stride[2];
 #pragma unroll
     for (int d = 0; d < DT; ++d) {
       const int c = d * 8 + 2 * t;
       if (c >= Dv) continue;
       const float x0 = o[st][d][2 * half] * inv[x], x1 = o[st][d][2 * half + 1] * inv[x];
-      T* dst = out + int64_t(r) * p.out_stride[1] + c;
+      T* dst = orow + c;
       if (c + 1 < Dv && pair_ok) {
         *reinterpret_cast<uint32_t*>(dst) = pack2<T>(x0, x1);
       } else {
@@ -315,8 +351,8 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<
       }
     }
     if (t == 0 && p.lse) {
-      float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
-      lse[(s.tq + qrow(x)) * p.lse_stride[2]] = l[x] > 0.f ? m[x] + logf(l[x]) : -INFINITY;
+      float* lse = p.lse + b * p.lse_stride[0] + hh * p.lse_stride[1];
+      lse[(s.tq + i) * p.lse_stride[2]] = l[x] > 0.f ? m[x] + logf(l[x]) : -INFINITY;
     }
   }
 }
@@ -374,6 +410,20 @@ inline int fwd_splits(int64_t ctas, int64_t seqlen_k, int block_n, int sms) {
   return n >= 2 ? int(n) : 1;
 }
 
+// Query heads per CTA (FwdArgs::pack) for a dense schedule without ALiBi: the largest
+// divisor d of the GQA group with seqlen_q * d <= block_m, so a decoding step (or a short
+// chunk) of a group fills one query tile instead of one mostly padded tile per head, and
+// each K / V tile is read once for the group instead of once per head. 1 when the group is
+// 1 or a query tile is already more than half full.
+inline int fwd_pack(const AttentionParams& p, int block_m) {
+  if (p.sparse || p.alibi_slopes || p.heads_kv <= 0 || p.seqlen_q <= 0) return 1;
+  const int64_t group = p.heads / p.heads_kv;
+  int pack = 1;
+  for (int64_t d = 2; d <= group && p.seqlen_q * d <= block_m; ++d)
+    if (group % d == 0) pack = int(d);
+  return pack;
+}
+
 #if !defined(LONGATTN_FLASH_EMULATE)
 inline int sm_count() {
   int dev = 0, n = 0;
@@ -401,11 +451,17 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   a.vec_k = vec_ok(p.k, p.k_stride);
   a.vec_v = vec_ok(p.v, p.v_stride);
   const int smem = p.sparse ? fwd_smem_bytes<Dp, true>() : fwd_smem_bytes<Dp, false>();
-  auto kernel = p.sparse ? flash_fwd_kernel<T, Dp, true> : flash_fwd_kernel<T, Dp, false>;
+  static const bool pack_off = [] {  // LONGATTN_CUDA_GQA_PACK=0: one head per CTA (for A/B runs)
+    const char* e = std::getenv("LONGATTN_CUDA_GQA_PACK");
+    return e != nullptr && e[0] == '0' && e[1] == 0;
+  }();
+  a.pack = pack_off ? 1 : fwd_pack(p, Tr::kBlockM);
+  auto kernel = p.sparse ? flash_fwd_kernel<T, Dp, true>
+                         : (a.pack > 1 ? flash_fwd_kernel<T, Dp, false, true> : flash_fwd_kernel<T, Dp, false>);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  if (!grid_fits(p.seqlen_q, Tr::kBlockM, p.heads, p.batch)) return cudaErrorInvalidConfiguration;
-  dim3 grid = make_grid(p.seqlen_q, Tr::kBlockM, p.heads, p.batch);
+  if (!grid_fits(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch)) return cudaErrorInvalidConfiguration;
+  dim3 grid = make_grid(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch);
   const int threads = (p.sparse ? FwdLayout<Dp, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32;
   if (!p.sparse) {
     a.splits = fwd_splits(int64_t(grid.x) * grid.y, p.seqlen_k, FwdLayout<Dp, false>::kBlockN, sm_count());

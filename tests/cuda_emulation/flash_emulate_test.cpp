@@ -51,6 +51,7 @@ struct Cfg {
   std::vector<int> lens_q, lens_k;  // varlen
   SparseCfg sparse;
   int splits = 1;  // forward key ranges (split-KV; dense schedules), merged by flash_fwd_merge_kernel
+  int pack = 1;    // forward GQA packing (FwdArgs::pack): query heads per CTA, a divisor of H / Hkv
 };
 
 template <typename T>
@@ -375,7 +376,12 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     a.vec_k = vec_ok(R.p.k, R.p.k_stride);
     a.vec_v = vec_ok(R.p.v, R.p.v_stride);
     using Tr = FwdTraits<Dp>;
-    emu::Dim3 grid = G(make_grid(R.p.seqlen_q, Tr::kBlockM, cfg.H, cfg.B));
+    if (cfg.pack < 1 || (cfg.H / cfg.Hkv) % cfg.pack || (cfg.pack > 1 && (cfg.alibi || cfg.sparse.on))) {
+      std::printf("FAIL %s: pack %d is not a divisor of the group without ALiBi / sparse\n", name.c_str(), cfg.pack);
+      return false;
+    }
+    a.pack = cfg.pack;
+    emu::Dim3 grid = G(make_grid(R.p.seqlen_q * cfg.pack, Tr::kBlockM, cfg.H / cfg.pack, cfg.B));
     std::vector<float> part;  // the split partials: lse of every row, then O
     if (cfg.splits > 1 && !cfg.sparse.on) {
       a.splits = cfg.splits;
@@ -385,8 +391,12 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.part_lse = part.data();
       a.part_o = part.data() + n;
       grid.z = unsigned(cfg.splits);
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); },
-                  fwd_smem_bytes<Dp, false>());
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] {
+        if (a.pack > 1)
+          flash_fwd_kernel<T, Dp, false, true>(a);
+        else
+          flash_fwd_kernel<T, Dp, false>(a);
+      }, fwd_smem_bytes<Dp, false>());
       const int64_t rows = R.Tq * cfg.H;
       emu::launch(emu::Dim3{unsigned((rows + kMergeRowsPerCta - 1) / kMergeRowsPerCta), 1, 1}, kMergeRowsPerCta * 32,
                   [&] { flash_fwd_merge_kernel<T>(a); }, 0);
@@ -394,7 +404,12 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.sparse = R.bs;
       emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp, true>());
     } else {
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, false>(a); }, fwd_smem_bytes<Dp, false>());
+      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] {
+        if (a.pack > 1)
+          flash_fwd_kernel<T, Dp, false, true>(a);
+        else
+          flash_fwd_kernel<T, Dp, false>(a);
+      }, fwd_smem_bytes<Dp, false>());
     }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
@@ -489,9 +504,11 @@ bool run_dispatch(const std::string& name, const Cfg& c) {
 // Random configurations, bucketed as attention.cu would dispatch them.
 int fuzz(int n, unsigned seed) {
   // splits come from a second generator so a seed draws the same other fields as before.
-  std::mt19937 rng(seed), srng(seed ^ 0x9e3779b9u);
+  // pack from a third, for the same reason.
+  std::mt19937 rng(seed), srng(seed ^ 0x9e3779b9u), prng(seed ^ 0x85ebca6bu);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   auto spick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(srng); };
+  auto ppick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(prng); };
   int fails = 0;
   for (int it = 0; it < n; ++it) {
     Cfg c;
@@ -520,10 +537,14 @@ int fuzz(int n, unsigned seed) {
       }
     }
     c.splits = spick(0, 2) == 0 ? spick(2, 9) : 1;
-    char name[200];
-    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d sp%d", it, c.B,
-                  c.H, c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi), int(c.dlse),
-                  int(c.deterministic), int(c.varlen), c.splits);
+    if (ppick(0, 1) && !c.alibi && c.H > c.Hkv) {  // GQA packing: 2 or 4 heads per CTA
+      if (ppick(0, 1)) c.H = c.Hkv * 4;
+      c.pack = c.H / c.Hkv == 4 && ppick(0, 1) ? 4 : 2;
+    }
+    char name[220];
+    std::snprintf(name, sizeof name, "fuzz%d B%d H%d/%d D%d/%d S%d/%d c%d w%d,%d sc%g al%d dl%d det%d vl%d sp%d pk%d", it,
+                  c.B, c.H, c.Hkv, c.D, c.Dv, c.Sq, c.Sk, int(c.causal), c.wl, c.wr, c.softcap, int(c.alibi),
+                  int(c.dlse), int(c.deterministic), int(c.varlen), c.splits, c.pack);
     fails += pick(0, 1) ? !run_dispatch<__half>(std::string(name) + " f16", c)
                         : !run_dispatch<__nv_bfloat16>(std::string(name) + " bf16", c);
   }
@@ -829,6 +850,80 @@ int main(int argc, char** argv) {
     c.Sk = 0;  // no keys at all: out 0, lse -inf
     c.splits = 3;
     run("split bf16 d256/200 no keys", [&] { return run_case<__nv_bfloat16, 256>("split bf16 d256/200 no keys", c); });
+  }
+  // GQA packing: a group's query heads share the query tiles (packed row u = query u / pack
+  // of head h0 + u % pack): one decoding query of 8 heads, chunks whose packed rows fill
+  // or cross a tile (masks per row's own query), with split-KV, varlen and softcap.
+  run("pack heuristic", [&] {
+    AttentionParams p{};
+    p.heads = 32;
+    p.heads_kv = 8;
+    p.seqlen_q = 1;
+    const bool a = fwd_pack(p, 128) == 4;
+    p.seqlen_q = 40;  // 40 x 2 rows fit, 40 x 4 do not
+    const bool b = fwd_pack(p, 128) == 2;
+    p.seqlen_q = 100;
+    const bool c = fwd_pack(p, 128) == 1;
+    p.seqlen_q = 1;
+    p.heads_kv = 32;
+    const bool d = fwd_pack(p, 128) == 1;
+    p.heads_kv = 2;  // group 16: 16 rows
+    const bool e = fwd_pack(p, 64) == 16;
+    float slopes[32] = {};
+    p.alibi_slopes = slopes;
+    const bool f = fwd_pack(p, 64) == 1;
+    const bool ok = a && b && c && d && e && f;
+    std::printf("%-4s pack heuristic\n", ok ? "ok" : "FAIL");
+    return ok;
+  });
+  {
+    Cfg c = base;
+    c.H = 16;
+    c.Hkv = 2;
+    c.D = c.Dv = 128;
+    c.Sq = 1;
+    c.Sk = 300;
+    c.pack = 8;
+    run("pack f16 d128 decode gqa8", [&] { return run_case<__half, 128>("pack f16 d128 decode gqa8", c); });
+    c.splits = 3;
+    c.dlse = true;
+    run("pack split f16 d128 decode gqa8", [&] { return run_case<__half, 128>("pack split f16 d128 decode gqa8", c); });
+  }
+  {
+    Cfg c = base;
+    c.H = 8;
+    c.Hkv = 2;
+    c.Sq = 45;  // 180 packed rows: one full tile of 128 and a partial one, queries 32 and 33 split between them
+    c.Sk = 250;
+    c.causal = true;
+    c.wl = 50;
+    c.pack = 4;
+    run("pack bf16 d64 chunk causal window gqa4", [&] {
+      return run_case<__nv_bfloat16, 64>("pack bf16 d64 chunk causal window gqa4", c);
+    });
+    c.splits = 4;
+    c.softcap = 6;
+    run("pack split bf16 d64 chunk causal window softcap gqa4", [&] {
+      return run_case<__nv_bfloat16, 64>("pack split bf16 d64 chunk causal window softcap gqa4", c);
+    });
+  }
+  {
+    Cfg c = base;
+    c.H = 6;
+    c.Hkv = 3;
+    c.D = 40;
+    c.Dv = 72;
+    c.varlen = true;
+    c.B = 4;
+    c.lens_q = {1, 0, 70, 7};
+    c.lens_k = {90, 5, 130, 0};
+    c.causal = true;
+    c.pack = 2;
+    run("pack f16 d40/72 varlen causal gqa2", [&] { return run_case<__half, 96>("pack f16 d40/72 varlen causal gqa2", c); });
+    c.splits = 3;
+    run("pack split f16 d40/72 varlen causal gqa2", [&] {
+      return run_case<__half, 96>("pack split f16 d40/72 varlen causal gqa2", c);
+    });
   }
   // Block-sparse: the forward CTA (128 rows for D <= 128, 64 above) covers two 64-row
   // query blocks, one, or half of a 128-row block; key tiles (64, or 32 for D = 256) cut
