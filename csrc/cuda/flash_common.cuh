@@ -76,9 +76,12 @@ template <> struct FwdTraits<256> { static constexpr int kBlockM = 64, kBlockN =
 #endif
 static_assert(LONGATTN_SPARSE_FWD_2STRIP_DP >= 0 && LONGATTN_SPARSE_FWD_2STRIP_DP <= 128,
               "LONGATTN_SPARSE_FWD_2STRIP_DP must be 0 (one strip everywhere), 32, 64, 96 or 128");
-template <int Dp, bool Sparse>
+// Packed (the GQA-packing forward, dense): one strip above Dp = 64, where two strips and the
+// packed rows' arithmetic spill (ptxas, sm_90a: 80-104 bytes at Dp 96 / 128); a decoding
+// tile is mostly padding rows either way.
+template <int Dp, bool Sparse, bool Packed = false>
 struct FwdLayout {
-  static constexpr bool kWide = !Sparse || Dp <= LONGATTN_SPARSE_FWD_2STRIP_DP;
+  static constexpr bool kWide = Packed ? Dp <= 64 : !Sparse || Dp <= LONGATTN_SPARSE_FWD_2STRIP_DP;
   static constexpr int kStrips = kWide ? FwdTraits<Dp>::kStrips : 1;
   static constexpr int kBlockN = Sparse && kStrips == 2 && Dp > 64 ? 32 : FwdTraits<Dp>::kBlockN;
   static constexpr int kWarps = FwdTraits<Dp>::kBlockM / (16 * kStrips);

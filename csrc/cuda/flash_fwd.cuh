@@ -73,13 +73,14 @@ __host__ __device__ constexpr int fwd_smem_bytes() {
 
 // Packed: the GQA-packing variant (args.pack > 1; dense only). A separate instantiation so
 // the unpacked kernel, with pack the constant 1, keeps its registers (at D = 128 the
-// packed row arithmetic costs ~120 bytes of spills).
+// packed row arithmetic cost it ~120 bytes of spills), with its own layout (FwdLayout).
 template <typename T, int Dp, bool Sparse, bool Packed = false>
-__global__ void __launch_bounds__(FwdLayout<Dp, Sparse>::kWarps * 32, FwdLayout<Dp, Sparse>::kMinBlocks)
+__global__ void __launch_bounds__(FwdLayout<Dp, Sparse, Packed>::kWarps * 32, FwdLayout<Dp, Sparse, Packed>::kMinBlocks)
     flash_fwd_kernel(const FwdArgs args) {
   static_assert(!(Sparse && Packed), "GQA packing is for dense schedules");
   using Tr = FwdTraits<Dp>;
-  using Ly = FwdLayout<Dp, Sparse>;
+  using Ly = FwdLayout<Dp, Sparse, Packed>;
+  static_assert(Ly::kBlockN == FwdLayout<Dp, Sparse>::kBlockN, "fwd_tile_bytes");
   constexpr int M = Tr::kBlockM, N = Ly::kBlockN, SP = Ly::kStrips, THREADS = Ly::kWarps * 32, LD = Dp + kPad;
   constexpr int NT = N / 8;    // n-tiles of S per strip
   constexpr int DT = Dp / 8;   // n-tiles of O per strip
@@ -462,7 +463,8 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (!grid_fits(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch)) return cudaErrorInvalidConfiguration;
   dim3 grid = make_grid(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch);
-  const int threads = (p.sparse ? FwdLayout<Dp, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32;
+  const int threads = (p.sparse ? FwdLayout<Dp, true>::kWarps
+                                 : a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32;
   if (!p.sparse) {
     a.splits = fwd_splits(int64_t(grid.x) * grid.y, p.seqlen_k, FwdLayout<Dp, false>::kBlockN, sm_count());
     if (a.splits > 1) {

@@ -391,7 +391,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.part_lse = part.data();
       a.part_o = part.data() + n;
       grid.z = unsigned(cfg.splits);
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] {
+      emu::launch(grid, (a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32, [&] {
         if (a.pack > 1)
           flash_fwd_kernel<T, Dp, false, true>(a);
         else
@@ -404,7 +404,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.sparse = R.bs;
       emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp, true>());
     } else {
-      emu::launch(grid, FwdLayout<Dp, false>::kWarps * 32, [&] {
+      emu::launch(grid, (a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32, [&] {
         if (a.pack > 1)
           flash_fwd_kernel<T, Dp, false, true>(a);
         else
