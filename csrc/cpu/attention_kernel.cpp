@@ -140,6 +140,13 @@ inline void tile_visits(const AttentionParams& p, const SeqHead& s, int64_t h, i
   }
 }
 
+// Whether a tile's scores need nothing after Q K^T: every column a visible key (no mask, no
+// block-sparse state, no column past the sequence) and neither softcap nor ALiBi. The
+// forward and the backward take exp of such "plain" tiles inside the GEMM.
+inline bool plain_tile(const AttentionParams& p, const SeqHead& s, const Visit& visit) {
+  return !visit.masked && !visit.state && !(p.softcap > 0.f) && !p.alibi_slopes && visit.j0 + kBlockK <= s.sk;
+}
+
 // Sets row[c] = -inf for the columns c in [0, cols) outside [0, keep_end) and [lo, hi).
 template <typename C>
 inline void mask_outside(C* row, int64_t cols, int64_t keep_end, int64_t lo, int64_t hi) {
@@ -569,8 +576,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     }
     // Plain tiles (every column a visible key, scores needing nothing after Q K^T) take
     // exp inside the GEMM (scores_exp_epilogue); rows it leaves raw are flagged in w.raw.
-    const bool plain = !direct && !visit.masked && !visit.state && !(p.softcap > 0.f) && !p.alibi_slopes &&
-                       visit.j0 + kBlockK <= s.sk;
+    const bool plain = !direct && plain_tile(p, s, visit);
     if (plain) {
       C* S = w.s.data();
       gemm_epilogue<C, false, false>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK,
@@ -954,11 +960,8 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         const C* ktb = kt + kb * dp * kBlockK;
         const C* kpb = kp + kb * kBlockK * dp;
         const C* vtb = vt + kb * dvp * kBlockK;
-        // P = exp(S - lse); rows with lse = -inf are 0. Plain tiles (as in forward_block)
-        // take exp inside the GEMM.
-        const bool plain = !visit.masked && !visit.state && !(p.softcap > 0.f) && !p.alibi_slopes &&
-                           j0 + kBlockK <= s.sk;
-        if (plain) {
+        // P = exp(S - lse); rows with lse = -inf are 0. Plain tiles take exp inside the GEMM.
+        if (plain_tile(p, s, visit)) {
           probs_gemm<C>(D, qs.data(), dp, ktb, lse.data(), S.data());
         } else {
           gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
