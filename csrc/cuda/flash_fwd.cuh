@@ -132,10 +132,9 @@ __global__ void __launch_bounds__(FwdLayout<Dp, Sparse, Packed>::kWarps * 32, Fw
     }
   };
 
-  load_tile_rows<T, M, Dp, THREADS>(sQ, [&](int r) {
-    const int u = u0 + r;  // uniform branch
-    return pack == 1 ? q + (u * p.q_stride[1] + h * p.q_stride[2])
-                     : q + ((u / pack) * p.q_stride[1] + (h + u % pack) * p.q_stride[2]);
+  load_tile_rows<T, M, Dp, THREADS>(sQ, [&](int r) {  // pack = 1: query u0 + r of head h
+    const int u = u0 + r;
+    return q + ((u / pack) * p.q_stride[1] + (h + u % pack) * p.q_stride[2]);
   }, rows, D, args.vec_q);
   if (tiles.more) load_kv(tiles.next_j0, 0);
   cp_async_commit();  // group: Q + first K/V block
@@ -457,14 +456,17 @@ cudaError_t launch_flash_fwd(const AttentionParams& p, cudaStream_t stream) {
     return e != nullptr && e[0] == '0' && e[1] == 0;
   }();
   a.pack = pack_off ? 1 : fwd_pack(p, Tr::kBlockM);
-  auto kernel = p.sparse ? flash_fwd_kernel<T, Dp, true>
-                         : (a.pack > 1 ? flash_fwd_kernel<T, Dp, false, true> : flash_fwd_kernel<T, Dp, false>);
+  // The variant and its layout's thread count: block-sparse, GQA-packed or plain dense.
+  void (*kernel)(FwdArgs) = flash_fwd_kernel<T, Dp, false>;
+  int threads = FwdLayout<Dp, false>::kWarps * 32;
+  if (p.sparse)
+    kernel = flash_fwd_kernel<T, Dp, true>, threads = FwdLayout<Dp, true>::kWarps * 32;
+  else if (a.pack > 1)
+    kernel = flash_fwd_kernel<T, Dp, false, true>, threads = FwdLayout<Dp, false, true>::kWarps * 32;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   if (!grid_fits(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch)) return cudaErrorInvalidConfiguration;
   dim3 grid = make_grid(p.seqlen_q * a.pack, Tr::kBlockM, p.heads / a.pack, p.batch);
-  const int threads = (p.sparse ? FwdLayout<Dp, true>::kWarps
-                                 : a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32;
   if (!p.sparse) {
     a.splits = fwd_splits(int64_t(grid.x) * grid.y, p.seqlen_k, FwdLayout<Dp, false>::kBlockN, sm_count());
     if (a.splits > 1) {

@@ -382,6 +382,14 @@ bool run_case(const std::string& name, const Cfg& cfg) {
     }
     a.pack = cfg.pack;
     emu::Dim3 grid = G(make_grid(R.p.seqlen_q * cfg.pack, Tr::kBlockM, cfg.H / cfg.pack, cfg.B));
+    auto dense_fwd = [&] {  // the dense kernel, GQA-packed or not, as launch_flash_fwd picks it
+      emu::launch(grid, (a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32, [&] {
+        if (a.pack > 1)
+          flash_fwd_kernel<T, Dp, false, true>(a);
+        else
+          flash_fwd_kernel<T, Dp, false>(a);
+      }, fwd_smem_bytes<Dp, false>());
+    };
     std::vector<float> part;  // the split partials: lse of every row, then O
     if (cfg.splits > 1 && !cfg.sparse.on) {
       a.splits = cfg.splits;
@@ -391,12 +399,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.part_lse = part.data();
       a.part_o = part.data() + n;
       grid.z = unsigned(cfg.splits);
-      emu::launch(grid, (a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32, [&] {
-        if (a.pack > 1)
-          flash_fwd_kernel<T, Dp, false, true>(a);
-        else
-          flash_fwd_kernel<T, Dp, false>(a);
-      }, fwd_smem_bytes<Dp, false>());
+      dense_fwd();
       const int64_t rows = R.Tq * cfg.H;
       emu::launch(emu::Dim3{unsigned((rows + kMergeRowsPerCta - 1) / kMergeRowsPerCta), 1, 1}, kMergeRowsPerCta * 32,
                   [&] { flash_fwd_merge_kernel<T>(a); }, 0);
@@ -404,12 +407,7 @@ bool run_case(const std::string& name, const Cfg& cfg) {
       a.sparse = R.bs;
       emu::launch(grid, FwdLayout<Dp, true>::kWarps * 32, [&] { flash_fwd_kernel<T, Dp, true>(a); }, fwd_smem_bytes<Dp, true>());
     } else {
-      emu::launch(grid, (a.pack > 1 ? FwdLayout<Dp, false, true>::kWarps : FwdLayout<Dp, false>::kWarps) * 32, [&] {
-        if (a.pack > 1)
-          flash_fwd_kernel<T, Dp, false, true>(a);
-        else
-          flash_fwd_kernel<T, Dp, false>(a);
-      }, fwd_smem_bytes<Dp, false>());
+      dense_fwd();
     }
   }
   // backward from the reference out / lse (rounded as the forward would store them)
