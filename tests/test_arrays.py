@@ -381,3 +381,16 @@ def test_jax_gpu_in_jax_gpu_out():
     assert out_q.devices() == {gpu} and out_k.devices() == {gpu}
     assert out_q.dtype == jq.dtype
     check_values("bfloat16", q, k, pos, np.asarray(out_q), np.asarray(out_k))
+
+
+def test_numpy_arrays_of_foreign_byte_order_or_dtype_are_rejected():
+    """The array path names unsupported dtypes instead of misreading them (a big-endian
+    array used to give NaN; an int8 alibi_slopes a KeyError)."""
+    q = np.random.default_rng(0).standard_normal((1, 3, 2, 8)).astype(">f4")
+    for fn in (longattn.flash_attention, longattn.linear_attention):
+        with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64, got float32 "
+                                            r"\(non-native byte order\)"):
+            fn(q, q, q)
+    qn = q.astype("<f4")
+    with pytest.raises(TypeError, match="alibi_slopes has an unsupported dtype int8"):
+        longattn.flash_attention(qn, qn, qn, alibi_slopes=np.ones(2, np.int8))

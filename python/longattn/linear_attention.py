@@ -133,6 +133,9 @@ def forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, c
     za = None if z0 is None else _arrays.wrap(z0, "initial_state", op)
     cu = _cu(cu_seqlens, op)
     _arrays.check_same_place(op, "q", qa, k=ka, v=va, log_decay=ga, initial_state=sa, cu_seqlens=cu)
+    for name, a in (("q", qa), ("k", ka), ("v", va)):
+        if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
+            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
     if len(qa.shape) != 4 or len(va.shape) != 4:
         raise ValueError(f"{op}: q, k, v must have 4 dims (batch, seqlen, heads, head_dim), got q {qa.shape}, "
                          f"v {va.shape}")
