@@ -303,32 +303,71 @@ struct Kernel {
   }
 
   // Token-by-token recurrence (decoding a few tokens): O(K V) per token instead of the
-  // padded chunk products. S = exp(g_t) S + k~_t v_t^T, o_t = S^T q~_t.
+  // padded chunk products. S = exp(g_t) S + k~_t v_t^T, o_t = S^T q~_t. It runs on the
+  // caller's state buffers: it reads the initial state where it lies and writes the final
+  // state in place (through a scratch copy, load_state / store_state moved 3 x 16 KiB per
+  // head of a K = V = 64 step, more than its arithmetic). Row r of the state is S[r, 0:V)
+  // plus z[r] with normalize. The initial and final state are either one buffer (an
+  // in-place step) or disjoint, so each element is read before it is written. Without a
+  // final state (no caller does that today) the state lives in w.s.
   void recurrent() {
+    using Vt = typename Vec<C>::type;
+    constexpr int W = Vec<C>::N;
     C* q = w.q.data();
     C* k = w.k.data();
     C* v = w.v.data();
     C* o = w.o.data();
-    C* S = w.s.data();
-    const int64_t Vp = w.Vp;
+    const int64_t base = it.n * p.heads + it.h;
+    const C* S0 = p.initial_state ? static_cast<const C*>(p.initial_state) + base * K * V : nullptr;
+    const C* z0 = p.normalize && p.initial_z ? static_cast<const C*>(p.initial_z) + base * K : nullptr;
+    C* S1 = p.final_state ? static_cast<C*>(p.final_state) + base * K * V : w.s.data();
+    C* z1 = !p.normalize ? nullptr : p.final_z ? static_cast<C*>(p.final_z) + base * K : w.s.data() + K * V;
+    const int64_t Vv = V / W * W;
     for (int64_t t = 0; t < it.T; ++t) {
       load_tile<T, C>(row<T>(p.q, p.q_stride, t), p.q_stride[1], 1, K, p.feature_map, C(p.scale), q, 1, w.Kp);
       load_tile<T, C>(row<T>(p.k, p.k_stride, t), p.k_stride[1], 1, K, p.feature_map, C(1), k, 1, w.Kp);
-      load_tile<T, C>(row<T>(p.v, p.v_stride, t), p.v_stride[1], 1, V, FeatureMap::Identity, C(1), v, 1, Vp);
-      if (p.normalize) v[V] = C(1);
+      load_tile<T, C>(row<T>(p.v, p.v_stride, t), p.v_stride[1], 1, V, FeatureMap::Identity, C(1), v, 1, w.Vp);
+      // The first token reads the initial state (zeros without one: S1 may hold anything,
+      // so it is not read then), later tokens the state the previous one wrote.
+      const C* src = t == 0 ? S0 : S1;
+      const C* zsrc = t == 0 ? z0 : z1;
       const C d = p.log_decay ? std::exp(*row<C>(p.log_decay, p.g_stride, t)) : C(1);
-      std::fill(o, o + Vp, C(0));
+      std::fill(o, o + w.Vp, C(0));
+      C on = 0;  // o[V]: q~ . z
       for (int64_t r = 0; r < K; ++r) {
-        C* sr = S + r * Vp;
+        C* dst = S1 + r * V;
         const C kr = k[r], qr = q[r];
-        for (int64_t c = 0; c < Vc; ++c) {
-          sr[c] = d * sr[c] + kr * v[c];
-          o[c] += qr * sr[c];
+        const Vt dv = Vt{} + d, kv = Vt{} + kr, qv = Vt{} + qr;
+        if (src) {
+          const C* sr = src + r * V;
+          for (int64_t c = 0; c < Vv; c += W) {
+            const Vt x = dv * vload(sr + c) + kv * vload(v + c);
+            vstore(dst + c, x);
+            vstore(o + c, vload(o + c) + qv * x);
+          }
+          for (int64_t c = Vv; c < V; ++c) {
+            dst[c] = d * sr[c] + kr * v[c];
+            o[c] += qr * dst[c];
+          }
+        } else {
+          for (int64_t c = 0; c < Vv; c += W) {
+            const Vt x = kv * vload(v + c);
+            vstore(dst + c, x);
+            vstore(o + c, vload(o + c) + qv * x);
+          }
+          for (int64_t c = Vv; c < V; ++c) {
+            dst[c] = kr * v[c];
+            o[c] += qr * dst[c];
+          }
+        }
+        if (z1) {
+          z1[r] = (zsrc ? d * zsrc[r] : C(0)) + kr;
+          on += qr * z1[r];
         }
       }
       if (p.out) {
         if (p.normalize) {
-          const C inv = C(1) / (o[V] + C(kNormEps));
+          const C inv = C(1) / (on + C(kNormEps));
           for (int64_t c = 0; c < V; ++c) o[c] *= inv;
         }
         store_row<T, C>(o, wrow<T>(p.out, p.out_stride, t), V);
@@ -338,10 +377,12 @@ struct Kernel {
 
   void forward() {
     const int64_t ch = p.chunk_size;
-    load_state(p.initial_state, p.initial_z);
-    if (p.causal && it.T <= kRecurrentMaxTokens) {
+    if (p.causal && it.T <= kRecurrentMaxTokens && it.T > 0) {
       recurrent();
-    } else if (p.causal) {
+      return;
+    }
+    load_state(p.initial_state, p.initial_z);
+    if (p.causal) {
       for (int64_t t0 = 0; t0 < it.T; t0 += ch) {
         const int64_t L = std::min(ch, it.T - t0);
         const C ebL = decays(t0, L);
