@@ -8,6 +8,7 @@
 
 #include "backend.h"
 #include "checks.h"
+#include "torch_view.h"
 #include "longattn/errors.h"
 #if defined(LONGATTN_WITH_CUDA)
 #include "longattn/cuda_runtime_info.h"
@@ -332,6 +333,34 @@ void register_linear_attention(py::module_& m) {
       py::arg("initial_z").none(true), py::arg("final_state").none(true), py::arg("final_z").none(true),
       py::arg("log_decay").none(true), py::arg("cu_seqlens").none(true), py::arg("scale"), py::arg("feature_map"),
       py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"), py::arg("stream") = uintptr_t(0));
+  // linear_attention_forward on torch CPU tensors (decoding steps), described here rather
+  // than in Python (torch_view.h). States and decays: the compute dtype (float32 or
+  // float64); cu_seqlens int32.
+  m.def(
+      "linear_attention_forward_torch_cpu",
+      [args](py::handle q, py::handle k, py::handle v, py::handle out, py::handle initial_state,
+             py::handle initial_z, py::handle final_state, py::handle final_z, py::handle log_decay,
+             py::handle cu_seqlens, double scale, int feature_map, bool causal, bool normalize, int64_t chunk_size) {
+        const char* op = cu_seqlens.is_none() ? "linear_attention" : "linear_attention (varlen)";
+        const TensorView qv = torch_cpu_float_view(q, op, "q"), kv = torch_cpu_float_view(k, op, "k"),
+                         vv = torch_cpu_float_view(v, op, "v"), ov = torch_cpu_float_view(out, op, "out");
+        const char* fp = "float32 or float64";
+        TensorView s0, z0, s1, z1, g, cu;
+        const bool has_s0 = torch_cpu_view_opt(initial_state, op, "initial_state", DType::Float32, DType::Float64, fp, s0);
+        const bool has_z0 = torch_cpu_view_opt(initial_z, op, "initial_state z", DType::Float32, DType::Float64, fp, z0);
+        const bool has_s1 = torch_cpu_view_opt(final_state, op, "final_state", DType::Float32, DType::Float64, fp, s1);
+        const bool has_z1 = torch_cpu_view_opt(final_z, op, "final_state z", DType::Float32, DType::Float64, fp, z1);
+        const bool has_g = torch_cpu_view_opt(log_decay, op, "log_decay", DType::Float32, DType::Float64, fp, g);
+        const bool has_cu = torch_cpu_view_opt(cu_seqlens, op, "cu_seqlens", DType::Int32, DType::Int32, "int32", cu);
+        forward(qv, kv, vv, &ov, has_s1 ? &s1 : nullptr, has_z1 ? &z1 : nullptr,
+                args(has_s0 ? &s0 : nullptr, has_z0 ? &z0 : nullptr, has_g ? &g : nullptr, has_cu ? &cu : nullptr,
+                     scale, feature_map, causal, normalize, chunk_size),
+                0);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("initial_state").none(true),
+      py::arg("initial_z").none(true), py::arg("final_state").none(true), py::arg("final_z").none(true),
+      py::arg("log_decay").none(true), py::arg("cu_seqlens").none(true), py::arg("scale"), py::arg("feature_map"),
+      py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"));
   m.def(
       "linear_attention_backward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& dout,

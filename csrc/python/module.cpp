@@ -1,5 +1,6 @@
 // pybind11 module longattn._C: the only code that knows about Python. It receives
-// framework-free TensorViews built by python/longattn/_arrays.py, checks them, fills the
+// framework-free TensorViews built by python/longattn/_arrays.py (or, in the `*_torch_cpu`
+// entries, plain torch CPU tensors that torch_view.h describes), checks them, fills the
 // kernels' parameter structs, releases the GIL and dispatches to the CPU or CUDA backend.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -21,6 +22,7 @@
 #include "longattn/rope.h"
 #include "longattn/tensor.h"
 #include "nvtx.h"
+#include "torch_view.h"
 
 #if defined(LONGATTN_WITH_CUDA)
 #include "longattn/cuda_runtime_info.h"
@@ -671,6 +673,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("alibi_slopes").none(true),
       py::arg("window_left"), py::arg("window_right"), py::arg("causal"), py::arg("stream"),
       py::arg("block_sparse").none(true) = py::none());
+  m.def("set_torch_dtypes", &set_torch_dtypes, py::arg("dtypes"));
+  // attention_forward on dense torch CPU tensors, described here rather than in Python.
+  m.def(
+      "attention_forward_torch_cpu",
+      [](py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse, py::handle alibi, double scale,
+         double softcap, int64_t wl, int64_t wr, bool causal) {
+        const char* op = "flash_attention";
+        const TensorView qv = torch_cpu_float_view(q, op, "q"), kv = torch_cpu_float_view(k, op, "k"),
+                         vv = torch_cpu_float_view(v, op, "v"), ov = torch_cpu_float_view(out, op, "out");
+        const TensorView lv = torch_cpu_view(lse, op, "lse", DType::Float32, DType::Float32, "float32");
+        TensorView av;
+        const bool has_alibi =
+            torch_cpu_view_opt(alibi, op, "alibi_slopes", DType::Float32, DType::Float32, "float32", av);
+        attention_forward(qv, kv, vv, ov, &lv,
+                          AttentionArgs{nullptr, nullptr, nullptr, 0, 0, scale, softcap, has_alibi ? &av : nullptr,
+                                        wl, wr, causal, false},
+                          0);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes").none(true),
+      py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("causal"));
   m.def(
       "attention_backward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,

@@ -20,15 +20,17 @@ def _direct(*args) -> bool:
     CPU / CUDA tensors (no subclass: FakeTensor, FunctionalTensor, DTensor, ...) and nothing
     for autograd to record. The dispatcher and custom-op wrappers cost ~20 us per call on a
     2-core VM, more than a decoding step's kernel."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._autograd._profiler_enabled()
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._autograd._profiler_enabled()
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
+    T = torch.Tensor
     for t in args:
-        if not isinstance(t, torch.Tensor):  # None and plain options (ints, floats, strings)
-            continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or t.device.type not in ("cpu", "cuda"):
+        if type(t) is T:
+            if (grad and t.requires_grad) or not (t.is_cpu or t.is_cuda):
+                return False
+        elif isinstance(t, T):  # a subclass
             return False
     return True
 
@@ -175,7 +177,10 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
 
 # ---- flash attention -----------------------------------------------------------------
 
+from . import _C  # noqa: E402
 from . import attention as _attention  # noqa: E402
+
+_C.set_torch_dtypes([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
 
 
 @custom_op("longattn::flash_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -190,8 +195,31 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                                          softcap, alibi_slopes, window_left, window_right, causal, deterministic)
 
 
+def _plain_cpu(*tensors) -> bool:
+    """Whether every argument is None or a plain torch CPU tensor (no subclass), as the
+    compiled `*_torch_cpu` entries take them: they describe the tensors in C++, which saves
+    a decoding step ~10 us of Python (_arrays.wrap + TensorView for each)."""
+    T = torch.Tensor
+    for t in tensors:
+        if t is not None and (type(t) is not T or not t.is_cpu):
+            return False
+    return True
+
+
+def _dense_cpu(q, k, v, alibi) -> bool:
+    """What _C.attention_forward_torch_cpu takes: plain CPU tensors, q and v with 4 dims."""
+    return _plain_cpu(q, k, v, alibi) and q is not None and q.dim() == 4 and v is not None and v.dim() == 4
+
+
 def _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                   alibi_slopes, window_left, window_right, causal, deterministic):
+    if cu_seqlens_q is None and cu_seqlens_k is None and _dense_cpu(q, k, v, alibi_slopes):
+        B, Sq, H, _ = q.shape
+        out = q.new_empty((B, Sq, H, v.shape[3]))
+        lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+        _C.attention_forward_torch_cpu(q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right,
+                                       causal)
+        return out, lse
     return _attention.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                      alibi_slopes, window_left, window_right, causal)
 
@@ -387,10 +415,31 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                           feature_map, causal, normalize, chunk_size)
 
 
+def _linear_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, causal, normalize, chunk_size,
+                   final_S=None, final_z=None, op="linear_attention"):
+    """linear_attention.forward_arrays, through the compiled torch CPU entry where it applies
+    (plain CPU tensors, q and v with 4 dims, cu_seqlens 1-D): the same checks and kernel."""
+    if (_plain_cpu(q, k, v, log_decay, S0, z0, cu_seqlens, final_S, final_z) and q is not None and v is not None
+            and q.dim() == 4 and v.dim() == 4 and (cu_seqlens is None or cu_seqlens.dim() == 1)):
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        _, _, H, K = q.shape
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_empty(v.shape)
+        S = final_S if final_S is not None else q.new_empty((n, H, K, v.shape[3]), dtype=cd)
+        z = None
+        if normalize:
+            z = final_z if final_z is not None else q.new_empty((n, H, K), dtype=cd)
+        _C.linear_attention_forward_torch_cpu(q, k, v, out, S0, z0, S, z, log_decay, cu_seqlens, scale, feature_map,
+                                              causal, normalize, chunk_size)
+        return out, S, z
+    return _linear_forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, causal, normalize,
+                                  chunk_size, final_S, final_z, op=op)
+
+
 def _linear_attention_forward_body(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
                                    causal, normalize, chunk_size):
-    out, S, z = _linear_forward_arrays(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map,
-                                       causal, normalize, chunk_size)
+    out, S, z = _linear_arrays(q, k, v, log_decay, initial_state, initial_z, cu_seqlens, scale, feature_map, causal,
+                               normalize, chunk_size)
     if z is None:
         z = torch.zeros(S.shape[:3], dtype=S.dtype, device=S.device)
     return out, S, z
@@ -474,8 +523,8 @@ def linear_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo
 
 
 def _linear_attention_step_body(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, normalize):
-    out, _, _ = _linear_forward_arrays(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, True, normalize,
-                                       64, state, z, op="linear_attention_step")
+    out, _, _ = _linear_arrays(q, k, v, log_decay, state, z, cu_seqlens, scale, feature_map, True, normalize, 64,
+                               state, z, op="linear_attention_step")
     return out
 
 
