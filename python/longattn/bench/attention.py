@@ -1,7 +1,8 @@
 """Flash attention benchmark: ``longattn.flash_attention`` against torch's SDPA.
 
 The peer is ``torch.nn.functional.scaled_dot_product_attention`` pinned to one backend
-with ``torch.nn.attention.sdpa_kernel``, so that a silent fallback to the math path
+with ``torch.nn.attention.sdpa_kernel`` (entered once around the peer's timed calls, not
+per call: entering it costs ~10 us), so that a silent fallback to the math path
 raises instead of being timed: on CPU its flash kernel, on CUDA the flash backend and
 the cuDNN backend, one row each (variants ``fwd/flash``, ``fwd/cudnn``, ...; our side
 is timed again on each row).
@@ -93,21 +94,13 @@ def _setup(settings: Settings, B: int, S: int, H: int, D: int, causal: bool) -> 
         dq, dk, dv = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), d_out)
         return out.detach(), dq, dk, dv
 
-    def peer_fwd(backend):
-        def run():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
+    def peer_fwd():  # run in sdpa_kernel(backend) (Workload.peer_context)
+        return F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=causal)
 
-        return run
-
-    def peer_fwd_bwd(backend):
-        def run():
-            with sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(q_t_leaf, k_t_leaf, v_t_leaf, is_causal=causal)
-            dq, dk, dv = torch.autograd.grad(out, (q_t_leaf, k_t_leaf, v_t_leaf), d_out_t)
-            return out.detach(), dq, dk, dv
-
-        return run
+    def peer_fwd_bwd():
+        out = F.scaled_dot_product_attention(q_t_leaf, k_t_leaf, v_t_leaf, is_causal=causal)
+        dq, dk, dv = torch.autograd.grad(out, (q_t_leaf, k_t_leaf, v_t_leaf), d_out_t)
+        return out.detach(), dq, dk, dv
 
     def compare(ours_out, peer_out):
         if isinstance(peer_out, torch.Tensor):
@@ -118,10 +111,11 @@ def _setup(settings: Settings, B: int, S: int, H: int, D: int, causal: bool) -> 
     flops = forward_flops(B, S, S, H, D, causal)
     workloads = []
     for suffix, backend in _peers(dev):
-        workloads.append(Workload("fwd" + suffix, ours_fwd, peer_fwd(backend), flops=flops, compare=compare))
+        workloads.append(Workload("fwd" + suffix, ours_fwd, peer_fwd, flops=flops, compare=compare,
+                                  peer_context=lambda b=backend: sdpa_kernel(b)))
     for suffix, backend in _peers(dev):
-        workloads.append(Workload("fwd+bwd" + suffix, ours_fwd_bwd, peer_fwd_bwd(backend), flops=3.5 * flops,
-                                  compare=compare))
+        workloads.append(Workload("fwd+bwd" + suffix, ours_fwd_bwd, peer_fwd_bwd, flops=3.5 * flops,
+                                  compare=compare, peer_context=lambda b=backend: sdpa_kernel(b)))
     return workloads
 
 
@@ -181,19 +175,15 @@ def _decode_setup(settings: Settings, B: int, Sk: int, H: int, Hkv: int, D: int)
     def ours():
         return longattn.flash_attention(q, k, v)
 
-    def peer(backend):
-        def run():
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=H != Hkv)
-
-        return run
+    def peer():  # run in sdpa_kernel(backend) (Workload.peer_context)
+        return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=H != Hkv)
 
     def compare(ours_out, peer_out):
         return compare_outputs((ours_out,), (peer_out.transpose(1, 2),), settings.dtype)
 
     nbytes = (2 * B * Sk * Hkv * D + 2 * B * H * D) * q.element_size()
-    return [Workload("fwd" + suffix, ours, peer(backend), bytes=nbytes, flops=forward_flops(B, 1, Sk, H, D, False),
-                     compare=compare) for suffix, backend in _peers(dev)]
+    return [Workload("fwd" + suffix, ours, peer, bytes=nbytes, flops=forward_flops(B, 1, Sk, H, D, False),
+                     compare=compare, peer_context=lambda b=backend: sdpa_kernel(b)) for suffix, backend in _peers(dev)]
 
 
 def _decode_cases(settings: Settings) -> list[Case]:

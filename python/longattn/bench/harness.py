@@ -20,6 +20,7 @@ timed calls is reported. The L2 cache is not flushed between calls.
 from __future__ import annotations
 
 import datetime
+import contextlib
 import gc
 import json
 import math
@@ -96,6 +97,10 @@ class Workload:
     flops: float | None = None
     compare: Callable[[Any, Any], Match] | None = None
     peer_flops: float | None = None
+    # A context the peer's calls run in, entered once around its check call and once around
+    # its timed calls (e.g. torch's sdpa_kernel pinning a backend: entered per call it
+    # costs ~10 us, as much as a decoding step).
+    peer_context: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -324,15 +329,18 @@ def _run_workload(entry: Entry, case: Case, w: Workload, settings: Settings) -> 
     row = Row(entry.name, w.variant, dict(case.params), settings.dtype, bytes=w.bytes, flops=w.flops,
               peer_flops=w.peer_flops)
     try:
+        peer_context = w.peer_context or contextlib.nullcontext
         ours_out = w.ours()
-        peer_out = w.peer()
+        with peer_context():
+            peer_out = w.peer()
         _synchronize(settings.device)
         if w.compare is not None:
             row.match = w.compare(ours_out, peer_out)
         del ours_out, peer_out
         kw = dict(warmup=settings.warmup, repeat=settings.repeat, max_time_s=settings.max_time_s)
         row.ours = measure(w.ours, settings.device, **kw)
-        row.peer = measure(w.peer, settings.device, **kw)
+        with peer_context():
+            row.peer = measure(w.peer, settings.device, **kw)
         if settings.device == "cuda" and w.bytes:
             row.copy_gbps = copy_bandwidth_gbps(w.bytes, settings)
     except Exception as exc:  # one failing case must not lose the rest of the sweep

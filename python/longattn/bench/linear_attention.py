@@ -19,7 +19,10 @@ decay, causal, forward and forward+backward.
 FLOPs (for TFLOP/s) are those of the chunked form's four products per token,
 2 * (C*K + C*V + 2*K*V) with C = 64; forward+backward counts 3.5 times the forward.
 
-A second entry, ``linear_vs_flash``, answers when linear attention pays off against our own
+``linear_step`` times one decoding step (``linear_attention_step(inplace=True)``) against
+the same in-place step written with torch ops.
+
+Another entry, ``linear_vs_flash``, answers when linear attention pays off against our own
 causal ``flash_attention`` on the same q, k, v (the issue asks for the crossover to lie at
 T <= 2048): the peer column is flash attention, the ratio flash ms / linear ms, and each
 side's TFLOP/s counts its own FLOPs. The outputs differ by definition and are not compared.
@@ -219,6 +222,67 @@ register(Entry(
          "chunked linear attention written with torch matmuls (64-token chunks), torch autograd backward",
     sweep="S",
     cases=_cases,
+    default_dtype={"cpu": "float32", "cuda": "bfloat16"},
+    versions=_versions,
+))
+
+def torch_step(q, k, v, S, log_decay=None):
+    """One in-place decoding step with torch ops: S = exp(g) S + k v^T, o = S^T (q K^-0.5);
+    q, k (B, 1, H, K), v (B, 1, H, V), S float32 (B, H, K, V), log_decay None or (B, 1, H)."""
+    import torch
+
+    if log_decay is not None:
+        S.mul_(torch.exp(log_decay[:, 0])[..., None, None])
+    S.add_(k[:, 0, :, :, None].to(S.dtype) * v[:, 0, :, None, :].to(S.dtype))
+    q = q[:, 0].to(S.dtype) * q.shape[-1] ** -0.5
+    return torch.einsum("bhk,bhkv->bhv", q, S)[:, None].to(v.dtype)
+
+
+def _step_setup(settings: Settings, B: int, H: int, D: int, decay: str) -> list[Workload]:
+    import torch
+
+    import longattn
+
+    dev, dtype = settings.device, settings.torch_dtype
+    gen = torch.Generator(device=dev).manual_seed(B * H * D)
+    q, k, v = (torch.randn(B, 1, H, D, generator=gen, device=dev, dtype=dtype) for _ in range(3))
+    S0 = torch.randn(B, H, D, D, generator=gen, device=dev, dtype=torch.float32)
+    ours_S, peer_S = S0.clone(), S0.clone()
+    g = -torch.rand(B, 1, H, generator=gen, device=dev) if decay == "per-token" else None
+
+    def ours():
+        return longattn.linear_attention_step(q, k, v, ours_S, log_decay=g, inplace=True)[0]
+
+    def peer():
+        return torch_step(q, k, v, peer_S, g)
+
+    def compare(ours_out, peer_out):
+        return compare_outputs((ours_out,), (peer_out,), settings.dtype)
+
+    state_bytes = 2 * B * H * D * D * 4  # read and write the float32 state
+    return [Workload("step", ours, peer, bytes=state_bytes + 4 * B * H * D * q.element_size(),
+                     flops=4.0 * B * H * D * D, compare=compare)]
+
+
+_STEP_SHAPES = {"quick": ((1, 2, 32),), "cpu": ((1, 8, 64), (8, 8, 64), (1, 16, 128)),
+                "cuda": ((8, 16, 128), (64, 16, 128))}
+
+
+def _step_cases(settings: Settings) -> list[Case]:
+    shapes = _STEP_SHAPES["quick" if settings.size == "quick" else settings.device]
+    return [Case({"B": b, "H": h, "D": d, "decay": decay}, lambda b=b, h=h, d=d, decay=decay:
+                 _step_setup(settings, b, h, d, decay))
+            for b, h, d in shapes for decay in ("none", "per-token")]
+
+
+register(Entry(
+    name="linear_step",
+    description="one decoding step of causal linear attention, in place on a float32 state (B, H, D, D): "
+                "linear_attention_step(inplace=True), without and with a per-token decay; GB/s of the state "
+                "read and written",
+    peer="the same step written with torch ops (S.mul_, S.add_ of k v^T, einsum for S^T q), in place",
+    sweep="B",
+    cases=_step_cases,
     default_dtype={"cpu": "float32", "cuda": "bfloat16"},
     versions=_versions,
 ))
