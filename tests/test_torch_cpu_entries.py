@@ -4,6 +4,7 @@ general array path: bit-identical results, the same errors naming the same argum
 the general path for anything else (other devices, subclasses)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 import longattn
 from longattn import attention, torch_ops
+from longattn import rope as rope_module
 from longattn.linear_attention import forward_arrays as linear_forward_arrays
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -94,6 +96,49 @@ def test_linear_entry_equals_the_array_path_bit_for_bit(c):
         out2, S2, z2 = torch_ops._linear_arrays(q, k, v, g, S1, z1, cu, *args[7:], S1, z1)
         assert S2 is S1 and torch.equal(out2, ref_out) and torch.equal(S1, ref_S)
         assert z1 is None or torch.equal(z1, ref_z)
+
+
+@st.composite
+def rope_cases(draw):
+    return dict(B=draw(st.integers(1, 2)), S=draw(st.sampled_from([1, 5])), Hq=draw(st.sampled_from([1, 4])),
+                Hk=draw(st.sampled_from([None, 1, 2])), D=draw(st.sampled_from([8, 20, 64])),
+                rot=draw(st.sampled_from([1.0, 0.5])), dtype=draw(st.sampled_from(DTYPES)),
+                pos=draw(st.sampled_from([None, "1d32", "2d64"])), interleaved=draw(st.booleans()),
+                conjugate=draw(st.booleans()), factor=draw(st.sampled_from([1.0, 1.3])), strided=draw(st.booleans()),
+                inplace=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+
+
+@given(rope_cases())
+def test_rope_entry_equals_the_array_path_bit_for_bit(c):
+    B, S, D, dt = c["B"], c["S"], c["D"], c["dtype"]
+    q = _strided(_rand((B, S, c["Hq"], D), dt, c["seed"]), c["strided"])
+    k = None if c["Hk"] is None else _rand((B, S, c["Hk"], D), dt, c["seed"] + 1)
+    half = max(1, int(D * c["rot"]) // 2)
+    inv_freq = torch.rand(half, generator=torch.Generator().manual_seed(c["seed"]))
+    pos = {None: None, "1d32": torch.arange(3, 3 + S, dtype=torch.int32),
+           "2d64": torch.randint(0, 9000, (B, S), generator=torch.Generator().manual_seed(1))}[c["pos"]]
+    opts = (c["factor"], c["interleaved"], c["conjugate"])
+    assert torch_ops._rope_cpu(q, k, pos, inv_freq)
+    ref_q, ref_k = rope_module.rope_arrays(q, k, pos, rope_module.inv_freq_values(inv_freq), *opts, False)
+    if c["inplace"]:
+        q2, k2 = q.clone(), None if k is None else k.clone()
+        torch_ops._rope_inplace_body(q2, k2, pos, inv_freq, *opts)
+        got = [q2] if k is None else [q2, k2]
+    else:
+        got = torch_ops._rope_body(q, k, pos, inv_freq, *opts)
+    assert torch.equal(got[0], ref_q) and (k is None or torch.equal(got[1], ref_k))
+
+
+def test_rope_entry_checks_inv_freq():
+    q = torch.randn(1, 2, 2, 8)
+    with pytest.raises(ValueError, match="apply_rope: inv_freq must be finite"):
+        torch_ops._rope_body(q, None, None, torch.tensor([1.0, float("nan")]), 1.0, False, False)
+    with pytest.raises(ValueError, match="inv_freq must be 1-D with 1 to 256 entries"):
+        torch_ops._rope_body(q, None, None, torch.ones(2, 2), 1.0, False, False)
+    with pytest.raises(ValueError, match="exceeds q's head_dim"):
+        torch_ops._rope_body(q, None, None, torch.ones(5), 1.0, False, False)
+    with pytest.raises(TypeError, match="apply_rope: k must be float16, bfloat16, float32 or float64, got int64"):
+        longattn.apply_rope(q, q.long(), inv_freq=np.ones(4, np.float32))
 
 
 def test_decoding_steps_in_place_equal_one_call():

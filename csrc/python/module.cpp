@@ -146,6 +146,28 @@ void rope(const TensorView& q, const TensorView& q_out, const TensorView* k, con
       LONGATTN_CUDA_FN(cuda::rope(p, s)));
 }
 
+// rope() on torch CPU tensors (torch_view.h); inv_freq a 1-D float32 CPU tensor.
+void rope_torch_cpu(py::handle q, py::handle q_out, py::handle k, py::handle k_out, py::handle positions,
+                    py::handle inv_freq, double attention_factor, bool interleaved, bool conjugate) {
+  using namespace checks;
+  const char* op = "apply_rope";
+  const TensorView qv = torch_cpu_float_view(q, op, "q"), qo = torch_cpu_float_view(q_out, op, "q_out");
+  TensorView kv, ko, pv;
+  const bool has_k = torch_cpu_view_opt(k, op, "k", DType::Float32, DType::BFloat16,
+                                        "float16, bfloat16, float32 or float64", kv);
+  if (has_k) ko = torch_cpu_float_view(k_out, op, "k_out");
+  const bool has_pos = torch_cpu_view_opt(positions, op, "positions", DType::Int32, DType::Int64, "int32 or int64", pv);
+  const TensorView f = torch_cpu_view(inv_freq, op, "inv_freq", DType::Float32, DType::Float32, "float32");
+  LONGATTN_CHECK_VALUE(f.ndim == 1 && f.shape[0] >= 1 && f.shape[0] <= kRopeMaxHalf,
+                       cat(op, ": inv_freq must be 1-D with 1 to ", kRopeMaxHalf, " entries, got shape ", shape_str(f)));
+  std::vector<float> freqs(size_t(f.shape[0]));
+  for (int64_t i = 0; i < f.shape[0]; ++i) {
+    freqs[size_t(i)] = static_cast<const float*>(f.data)[i * f.stride[0]];
+    LONGATTN_CHECK_VALUE(std::isfinite(freqs[size_t(i)]), cat(op, ": inv_freq must be finite"));
+  }
+  rope(qv, qo, has_k ? &kv : nullptr, has_k ? &ko : nullptr, has_pos ? &pv : nullptr, freqs, attention_factor,
+       interleaved, conjugate, 0);
+}
 
 // ---- flash attention -------------------------------------------------------------------
 
@@ -638,6 +660,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("rope", &rope, py::arg("q"), py::arg("q_out"), py::arg("k").none(true), py::arg("k_out").none(true),
         py::arg("positions").none(true), py::arg("inv_freq"), py::arg("attention_factor"), py::arg("interleaved"),
         py::arg("conjugate"), py::arg("stream"));
+  m.def("rope_torch_cpu", &rope_torch_cpu, py::arg("q"), py::arg("q_out"), py::arg("k").none(true),
+        py::arg("k_out").none(true), py::arg("positions").none(true), py::arg("inv_freq"),
+        py::arg("attention_factor"), py::arg("interleaved"), py::arg("conjugate"));
 
   py::class_<BlockSparseArgs>(m, "BlockSparse")
       .def(py::init([](const TensorView& kv_num, const TensorView& kv_idx, const TensorView& full_num,

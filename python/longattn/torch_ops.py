@@ -10,7 +10,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import library as op_lib
 
+from . import _C
+
 custom_op, register_autograd = op_lib.custom_op, op_lib.register_autograd
+# The compiled torch CPU entries (see _plain_cpu) recognize dtypes by these objects.
+_C.set_torch_dtypes([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
 
 
 def _direct(*args) -> bool:
@@ -40,7 +44,19 @@ def _call(op, body, *args):
     _direct allows it."""
     return body(*args) if _direct(*args) else op(*args)
 
-from . import rope as _rope
+
+def _plain_cpu(*tensors) -> bool:
+    """Whether every argument is None or a plain torch CPU tensor (no subclass), as the
+    compiled `*_torch_cpu` entries take them: they describe the tensors in C++, which saves
+    a decoding step ~10 us of Python (_arrays.wrap + TensorView for each)."""
+    T = torch.Tensor
+    for t in tensors:
+        if t is not None and (type(t) is not T or not t.is_cpu):
+            return False
+    return True
+
+
+from . import rope as _rope  # noqa: E402
 
 # ---- RoPE ----------------------------------------------------------------------------
 
@@ -52,7 +68,20 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.T
     return _rope_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate)
 
 
+def _rope_cpu(q, k, positions, inv_freq) -> bool:
+    """What _C.rope_torch_cpu takes: plain CPU tensors, q and k with 4 dims, int32 / int64
+    positions, a float32 inv_freq (what apply_rope passes)."""
+    return (_plain_cpu(q, k, positions, inv_freq) and q is not None and q.dim() == 4 and (k is None or k.dim() == 4)
+            and (positions is None or positions.dtype in (torch.int32, torch.int64)) and inv_freq is not None
+            and inv_freq.dtype == torch.float32)
+
+
 def _rope_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
+    if _rope_cpu(q, k, positions, inv_freq):
+        q_out = q.new_empty(q.shape)
+        k_out = None if k is None else k.new_empty(k.shape)
+        _C.rope_torch_cpu(q, q_out, k, k_out, positions, inv_freq, attention_factor, interleaved, conjugate)
+        return [q_out] if k is None else [q_out, k_out]
     freqs = _rope.inv_freq_values(inv_freq)
     q_out, k_out = _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, False)
     return [q_out] if k is None else [q_out, k_out]
@@ -106,6 +135,9 @@ def rope_(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.
 
 
 def _rope_inplace_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
+    if _rope_cpu(q, k, positions, inv_freq):
+        _C.rope_torch_cpu(q, q, k, k, positions, inv_freq, attention_factor, interleaved, conjugate)
+        return
     freqs = _rope.inv_freq_values(inv_freq)
     _rope.rope_arrays(q, k, positions, freqs, attention_factor, interleaved, conjugate, True)
 
@@ -136,7 +168,9 @@ def _inv_freq_tensor(inv_freq) -> torch.Tensor:
         raise ValueError(f"apply_rope: inv_freq must be 1-D with 1 to 256 entries, got shape {tuple(t.shape)}")
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"apply_rope: inv_freq must hold floats, got {t.dtype}")
-    return t.detach().to(torch.float32)
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
 def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
@@ -177,10 +211,7 @@ def apply_rope(q: torch.Tensor, k: Optional[torch.Tensor], positions, inv_freq,
 
 # ---- flash attention -----------------------------------------------------------------
 
-from . import _C  # noqa: E402
 from . import attention as _attention  # noqa: E402
-
-_C.set_torch_dtypes([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
 
 
 @custom_op("longattn::flash_attention_forward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -193,17 +224,6 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     selects the backward (it is saved for autograd)."""
     return _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                          softcap, alibi_slopes, window_left, window_right, causal, deterministic)
-
-
-def _plain_cpu(*tensors) -> bool:
-    """Whether every argument is None or a plain torch CPU tensor (no subclass), as the
-    compiled `*_torch_cpu` entries take them: they describe the tensors in C++, which saves
-    a decoding step ~10 us of Python (_arrays.wrap + TensorView for each)."""
-    T = torch.Tensor
-    for t in tensors:
-        if t is not None and (type(t) is not T or not t.is_cpu):
-            return False
-    return True
 
 
 def _dense_cpu(q, k, v, alibi) -> bool:
