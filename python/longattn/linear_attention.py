@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _arrays, _C
+from .attention import _head_dim
 
 FEATURE_MAPS = {None: 0, "identity": 0, "elu1": 1, "relu": 2}
 
@@ -270,7 +271,7 @@ def linear_attention(q, k, v, *, causal: bool = True, scale: Optional[float] = N
         >>> out, S = longattn.linear_attention(q, k, v, log_decay=g, return_state=True)
     """
     op = "linear_attention"
-    head_dim = _arrays.wrap(q, "q", op).shape[-1]
+    head_dim = _head_dim(q, op)
     opts = options(head_dim, causal, scale, feature_map, normalize, log_decay, chunk_size, op)
     if not isinstance(return_state, (bool, np.bool_)):
         raise TypeError(f"{op}: return_state must be a bool, got {type(return_state).__name__}")
@@ -304,7 +305,7 @@ def linear_attention_step(q, k, v, state, *, scale: Optional[float] = None, feat
         sequence, up to rounding.
     """
     op = "linear_attention_step"
-    head_dim = _arrays.wrap(q, "q", op).shape[-1]
+    head_dim = _head_dim(q, op)
     opts = options(head_dim, True, scale, feature_map, normalize, log_decay, 64, op)
     if not isinstance(inplace, (bool, np.bool_)):
         raise TypeError(f"{op}: inplace must be a bool, got {type(inplace).__name__}")
