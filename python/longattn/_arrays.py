@@ -160,6 +160,16 @@ def check_same_place(op: str, first_name: str, first: Array, **others: Optional[
             raise ValueError(f"{op}: {name} is on {a.where} but {first_name} is on {first.where}")
 
 
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_float(op: str, **arrays: Optional[Array]) -> None:
+    """TypeError naming the first argument (None ones skipped) that does not hold floats."""
+    for name, a in arrays.items():
+        if a is not None and a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+
+
 def empty(like: Array, shape: Sequence[int], dtype: Optional[str] = None) -> Any:
     """A new contiguous array in the framework and on the device of `like`."""
     dtype = dtype or like.dtype

@@ -78,9 +78,7 @@ def forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     cu_k = None if cu_seqlens_k is None else _arrays.wrap(cu_seqlens_k, "cu_seqlens_k", op)
     alibi = None if alibi_slopes is None else _arrays.wrap(alibi_slopes, "alibi_slopes", op)
     _arrays.check_same_place(op, "q", qa, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, alibi_slopes=alibi)
-    for name, a in (("q", qa), ("k", ka), ("v", va)):
-        if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
-            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+    _arrays.check_float(op, q=qa, k=ka, v=va)
     varlen = cu_q is not None
     if varlen:
         if len(qa.shape) != 3 or len(ka.shape) != 3:

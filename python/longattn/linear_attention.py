@@ -75,7 +75,7 @@ def _host(x, dtype: str, name: str, op: str) -> Optional[_arrays.Array]:
     if x is None:
         return None
     a = _arrays.wrap(x, name, op)
-    if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
+    if a.dtype not in _arrays.FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must hold floats, got {a.dtype}")
     if a.device != _arrays.CPU:
         if a.dtype == dtype and a.strides == _arrays._contiguous_strides(a.shape):
@@ -134,9 +134,7 @@ def forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, c
     za = None if z0 is None else _arrays.wrap(z0, "initial_state", op)
     cu = _cu(cu_seqlens, op)
     _arrays.check_same_place(op, "q", qa, k=ka, v=va, log_decay=ga, initial_state=sa, cu_seqlens=cu)
-    for name, a in (("q", qa), ("k", ka), ("v", va)):
-        if a.dtype not in ("float16", "bfloat16", "float32", "float64"):
-            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+    _arrays.check_float(op, q=qa, k=ka, v=va)
     if len(qa.shape) != 4 or len(va.shape) != 4:
         raise ValueError(f"{op}: q, k, v must have 4 dims (batch, seqlen, heads, head_dim), got q {qa.shape}, "
                          f"v {va.shape}")

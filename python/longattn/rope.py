@@ -64,9 +64,7 @@ def rope_arrays(q: Any, k: Any, positions: Any, inv_freq: Sequence[float], atten
     qa = _arrays.wrap(q, "q", _OP)
     ka = None if k is None else _arrays.wrap(k, "k", _OP)
     _arrays.check_same_place(_OP, "q", qa, k=ka)
-    for name, a in (("q", qa), ("k", ka)):
-        if a is not None and a.dtype not in ("float16", "bfloat16", "float32", "float64"):
-            raise TypeError(f"{_OP}: {name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+    _arrays.check_float(_OP, q=qa, k=ka)
     pos = _positions(qa, positions)
     if inplace:
         for name, a in (("q", qa), ("k", ka)):

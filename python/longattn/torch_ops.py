@@ -71,9 +71,8 @@ def rope(q: torch.Tensor, k: Optional[torch.Tensor], positions: Optional[torch.T
 def _rope_cpu(q, k, positions, inv_freq) -> bool:
     """What _C.rope_torch_cpu takes: plain CPU tensors, q and k with 4 dims, int32 / int64
     positions, a float32 inv_freq (what apply_rope passes)."""
-    return (_plain_cpu(q, k, positions, inv_freq) and q is not None and q.dim() == 4 and (k is None or k.dim() == 4)
-            and (positions is None or positions.dtype in (torch.int32, torch.int64)) and inv_freq is not None
-            and inv_freq.dtype == torch.float32)
+    return (_plain_cpu(q, k, positions, inv_freq) and q.dim() == 4 and (k is None or k.dim() == 4)
+            and (positions is None or positions.dtype in (torch.int32, torch.int64)) and inv_freq.dtype == torch.float32)
 
 
 def _rope_body(q, k, positions, inv_freq, attention_factor, interleaved, conjugate):
@@ -228,15 +227,23 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 def _dense_cpu(q, k, v, alibi) -> bool:
     """What _C.attention_forward_torch_cpu takes: plain CPU tensors, q and v with 4 dims."""
-    return _plain_cpu(q, k, v, alibi) and q is not None and q.dim() == 4 and v is not None and v.dim() == 4
+    return _plain_cpu(q, k, v, alibi) and q.dim() == 4 and v.dim() == 4
+
+
+def _flash_outputs(q, v, varlen: bool):
+    """Empty (out, lse) for a forward: out like q with v's head dim, lse float32
+    (batch, heads, seqlen_q), or (heads, total_q) for packed input."""
+    if varlen:
+        T, H, _ = q.shape
+        return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
+    B, S, H, _ = q.shape
+    return q.new_empty((B, S, H, v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                   alibi_slopes, window_left, window_right, causal, deterministic):
     if cu_seqlens_q is None and cu_seqlens_k is None and _dense_cpu(q, k, v, alibi_slopes):
-        B, Sq, H, _ = q.shape
-        out = q.new_empty((B, Sq, H, v.shape[3]))
-        lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+        out, lse = _flash_outputs(q, v, False)
         _C.attention_forward_torch_cpu(q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right,
                                        causal)
         return out, lse
@@ -247,12 +254,7 @@ def _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
 @flash_attention_forward.register_fake
 def _flash_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                   alibi_slopes, window_left, window_right, causal, deterministic):
-    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],))
-    if cu_seqlens_q is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-    return out, lse
+    return _flash_outputs(q, v, cu_seqlens_q is not None)
 
 
 @custom_op("longattn::flash_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -435,20 +437,24 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                           feature_map, causal, normalize, chunk_size)
 
 
+def _linear_state_shapes(q, v, cu_seqlens):
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (n, q.shape[2], q.shape[3], v.shape[3]), (n, q.shape[2], q.shape[3]), cd
+
+
 def _linear_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, causal, normalize, chunk_size,
                    final_S=None, final_z=None, op="linear_attention"):
     """linear_attention.forward_arrays, through the compiled torch CPU entry where it applies
     (plain CPU tensors, q and v with 4 dims, cu_seqlens 1-D): the same checks and kernel."""
-    if (_plain_cpu(q, k, v, log_decay, S0, z0, cu_seqlens, final_S, final_z) and q is not None and v is not None
-            and q.dim() == 4 and v.dim() == 4 and (cu_seqlens is None or cu_seqlens.dim() == 1)):
-        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        _, _, H, K = q.shape
-        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if (_plain_cpu(q, k, v, log_decay, S0, z0, cu_seqlens, final_S, final_z) and q.dim() == 4 and v.dim() == 4
+            and (cu_seqlens is None or cu_seqlens.dim() == 1)):
+        s_shape, z_shape, cd = _linear_state_shapes(q, v, cu_seqlens)
         out = q.new_empty(v.shape)
-        S = final_S if final_S is not None else q.new_empty((n, H, K, v.shape[3]), dtype=cd)
+        S = final_S if final_S is not None else q.new_empty(s_shape, dtype=cd)
         z = None
         if normalize:
-            z = final_z if final_z is not None else q.new_empty((n, H, K), dtype=cd)
+            z = final_z if final_z is not None else q.new_empty(z_shape, dtype=cd)
         _C.linear_attention_forward_torch_cpu(q, k, v, out, S0, z0, S, z, log_decay, cu_seqlens, scale, feature_map,
                                               causal, normalize, chunk_size)
         return out, S, z
@@ -463,12 +469,6 @@ def _linear_attention_forward_body(q, k, v, log_decay, initial_state, initial_z,
     if z is None:
         z = torch.zeros(S.shape[:3], dtype=S.dtype, device=S.device)
     return out, S, z
-
-
-def _linear_state_shapes(q, v, cu_seqlens):
-    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (n, q.shape[2], q.shape[3], v.shape[3]), (n, q.shape[2], q.shape[3]), cd
 
 
 @linear_attention_forward.register_fake
