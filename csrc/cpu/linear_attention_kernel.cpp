@@ -127,6 +127,7 @@ struct Scratch {
   int64_t P, Kp, Vp;  // padded chunk, key dim, value dim (V' = V + normalize)
   std::vector<C> q, k, kt, v, a, o, s, tmp, tmp2, b, eb, ebl, erow, dq, dk, dv, dout, u;
   std::vector<C> states;  // backward: the state entering each chunk, reused across items
+  std::vector<C> zero;    // max(Kp, Vp) zeros: the recurrence's state row when there is no initial state
   // recurrent_only: every item runs the token recurrence (decoding), which needs one row of
   // q, k, v, o and the state; skipping the chunk buffers keeps a step's set-up small.
   Scratch(int64_t chunk, int64_t K, int64_t Vc, bool recurrent_only = false) {
@@ -134,6 +135,7 @@ struct Scratch {
     P = round_up(std::max<int64_t>(chunk, 1), al);
     Kp = round_up(std::max<int64_t>(K, 1), al);
     Vp = round_up(std::max<int64_t>(Vc, 1), al);
+    zero.assign(size_t(std::max(Kp, Vp)), C(0));
     if (recurrent_only) {
       q.resize(size_t(Kp));
       k.resize(size_t(Kp));
@@ -305,7 +307,7 @@ struct Kernel {
   // Token-by-token recurrence (decoding a few tokens): O(K V) per token instead of the
   // padded chunk products. S = exp(g_t) S + k~_t v_t^T, o_t = S^T q~_t. It runs on the
   // caller's state buffers: it reads the initial state where it lies and writes the final
-  // state in place (through a scratch copy, load_state / store_state moved 3 x 16 KiB per
+  // state in place (a copy through scratch, load_state / store_state, moved 3 x 16 KiB per
   // head of a K = V = 64 step, more than its arithmetic). Row r of the state is S[r, 0:V)
   // plus z[r] with normalize. The initial and final state are either one buffer (an
   // in-place step) or disjoint, so each element is read before it is written. Without a
@@ -327,41 +329,31 @@ struct Kernel {
       load_tile<T, C>(row<T>(p.q, p.q_stride, t), p.q_stride[1], 1, K, p.feature_map, C(p.scale), q, 1, w.Kp);
       load_tile<T, C>(row<T>(p.k, p.k_stride, t), p.k_stride[1], 1, K, p.feature_map, C(1), k, 1, w.Kp);
       load_tile<T, C>(row<T>(p.v, p.v_stride, t), p.v_stride[1], 1, V, FeatureMap::Identity, C(1), v, 1, w.Vp);
-      // The first token reads the initial state (zeros without one: S1 may hold anything,
-      // so it is not read then), later tokens the state the previous one wrote.
-      const C* src = t == 0 ? S0 : S1;
+      // The first token reads the initial state, or w.zero without one (S1 may hold
+      // anything then), with factor 1; later tokens the state the previous one wrote.
+      const bool from_zero = t == 0 && !S0;
+      const C g = p.log_decay ? std::exp(*row<C>(p.log_decay, p.g_stride, t)) : C(1);
+      const C d = from_zero ? C(1) : g;  // the factor on the state row read
       const C* zsrc = t == 0 ? z0 : z1;
-      const C d = p.log_decay ? std::exp(*row<C>(p.log_decay, p.g_stride, t)) : C(1);
       std::fill(o, o + w.Vp, C(0));
       C on = 0;  // o[V]: q~ . z
+      const Vt dv = Vt{} + d;
       for (int64_t r = 0; r < K; ++r) {
+        const C* sr = from_zero ? w.zero.data() : (t == 0 ? S0 : S1) + r * V;
         C* dst = S1 + r * V;
         const C kr = k[r], qr = q[r];
-        const Vt dv = Vt{} + d, kv = Vt{} + kr, qv = Vt{} + qr;
-        if (src) {
-          const C* sr = src + r * V;
-          for (int64_t c = 0; c < Vv; c += W) {
-            const Vt x = dv * vload(sr + c) + kv * vload(v + c);
-            vstore(dst + c, x);
-            vstore(o + c, vload(o + c) + qv * x);
-          }
-          for (int64_t c = Vv; c < V; ++c) {
-            dst[c] = d * sr[c] + kr * v[c];
-            o[c] += qr * dst[c];
-          }
-        } else {
-          for (int64_t c = 0; c < Vv; c += W) {
-            const Vt x = kv * vload(v + c);
-            vstore(dst + c, x);
-            vstore(o + c, vload(o + c) + qv * x);
-          }
-          for (int64_t c = Vv; c < V; ++c) {
-            dst[c] = kr * v[c];
-            o[c] += qr * dst[c];
-          }
+        const Vt kv = Vt{} + kr, qv = Vt{} + qr;
+        for (int64_t c = 0; c < Vv; c += W) {
+          const Vt x = dv * vload(sr + c) + kv * vload(v + c);
+          vstore(dst + c, x);
+          vstore(o + c, vload(o + c) + qv * x);
+        }
+        for (int64_t c = Vv; c < V; ++c) {
+          dst[c] = d * sr[c] + kr * v[c];
+          o[c] += qr * dst[c];
         }
         if (z1) {
-          z1[r] = (zsrc ? d * zsrc[r] : C(0)) + kr;
+          z1[r] = (zsrc ? g * zsrc[r] : C(0)) + kr;
           on += qr * z1[r];
         }
       }

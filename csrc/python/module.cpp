@@ -153,9 +153,11 @@ void rope_torch_cpu(py::handle q, py::handle q_out, py::handle k, py::handle k_o
   const char* op = "apply_rope";
   const TensorView qv = torch_cpu_float_view(q, op, "q"), qo = torch_cpu_float_view(q_out, op, "q_out");
   TensorView kv, ko, pv;
-  const bool has_k = torch_cpu_view_opt(k, op, "k", DType::Float32, DType::BFloat16,
-                                        "float16, bfloat16, float32 or float64", kv);
-  if (has_k) ko = torch_cpu_float_view(k_out, op, "k_out");
+  const bool has_k = !k.is_none();
+  if (has_k) {
+    kv = torch_cpu_float_view(k, op, "k");
+    ko = torch_cpu_float_view(k_out, op, "k_out");
+  }
   const bool has_pos = torch_cpu_view_opt(positions, op, "positions", DType::Int32, DType::Int64, "int32 or int64", pv);
   const TensorView f = torch_cpu_view(inv_freq, op, "inv_freq", DType::Float32, DType::Float32, "float32");
   LONGATTN_CHECK_VALUE(f.ndim == 1 && f.shape[0] >= 1 && f.shape[0] <= kRopeMaxHalf,
