@@ -882,6 +882,10 @@ struct Launch {
 };
 
 inline int key_bucket(int r) { return r <= 64 ? 64 : r <= 128 ? 128 : r <= 256 ? 256 : 0; }
+// A grid extent, saturated so that one past the launch limit stays out of range (the
+// launcher rejects x > 2^31 - 1) instead of wrapping to a small grid that skips work.
+inline unsigned grid_dim(int64_t n) { return n > int64_t(0xffffffff) ? 0xffffffffu : unsigned(n); }
+
 constexpr int64_t kStepMaxTokens = 8;  // causal sequences this short use the step kernel
 
 inline void copy3(int64_t* d, const int64_t* s) {
@@ -933,7 +937,7 @@ inline Launch chunk_launch(const LinearArgs& a) {
   l.kp = key_bucket(a.q.dim + (a.q.ones ? 1 : 0));
   l.a.vtiles = int((a.v.dim + kVTile - 1) / kVTile);
   if (l.a.vtiles < 1) l.a.vtiles = 1;
-  l.gx = unsigned(int64_t(a.batch) * l.a.vtiles);
+  l.gx = grid_dim(int64_t(a.batch) * l.a.vtiles);
   l.gy = unsigned(a.heads);
   l.threads = kChunkThreads;
   const int stages = l.kp == 64 ? ChunkTraits<64>::kStages : l.kp == 128 ? ChunkTraits<128>::kStages
@@ -949,7 +953,7 @@ inline Launch chunk_launch(const LinearArgs& a) {
 // Whether the step kernel runs this forward (decoding: every causal sequence short).
 inline bool use_step(const LinearAttentionParams& p) {
   if (!p.causal) return false;
-  return p.cu_seqlens ? p.seqlen <= kStepMaxTokens * p.batch : p.seqlen <= kStepMaxTokens;
+  return p.cu_seqlens ? p.max_seqlen > 0 && p.max_seqlen <= kStepMaxTokens : p.seqlen <= kStepMaxTokens;
 }
 
 // force: 0 picks by use_step, 1 the chunk kernel, 2 the step kernel (tests).
@@ -971,7 +975,7 @@ inline std::vector<Launch> plan_forward(const LinearAttentionParams& p, int forc
   l.a = a;
   l.kp = key_bucket(K);
   l.a.vtiles = (V + kStepVTile - 1) / kStepVTile;
-  l.gx = unsigned(p.batch * l.a.vtiles);
+  l.gx = grid_dim(p.batch * l.a.vtiles);
   l.gy = unsigned(p.heads);
   l.threads = 32 * (StepTraits<64>::RG + (p.normalize ? 1 : 0));
   l.smem = l.kp == 64 ? StepTraits<64>::smem_bytes() : l.kp == 128 ? StepTraits<128>::smem_bytes()
@@ -1040,7 +1044,7 @@ inline std::vector<Launch> plan_backward(const LinearAttentionGradParams& g, voi
   x.rows = brows * tokens * H;
   x.K = K;
   x.V = V;
-  const unsigned aux_blocks = unsigned((x.rows + kAuxThreads / 32 - 1) / (kAuxThreads / 32));
+  const unsigned aux_blocks = grid_dim((x.rows + kAuxThreads / 32 - 1) / (kAuxThreads / 32));
 
   // 1. Recompute o' = [o, n] (normalize) and the final state (d log-decay).
   if (norm || st) {
@@ -1151,7 +1155,7 @@ inline std::vector<Launch> plan_backward(const LinearAttentionGradParams& g, voi
       Launch s;
       s.kind = KernelKind::DecayScan;
       s.x = y;
-      s.gx = unsigned(p.batch);
+      s.gx = grid_dim(p.batch);
       s.gy = unsigned(H);
       s.threads = kScanThreads;
       s.smem = (kScanThreads + 1) * 4;

@@ -3,6 +3,7 @@
 // register_linear_attention.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -31,6 +32,7 @@ struct LinearArgs {
   int feature_map;
   bool causal, normalize;
   int64_t chunk_size;
+  int64_t max_seqlen = 0;  // packed input on CUDA: the longest sequence (from the host check)
 };
 
 DType compute_dtype(DType t) { return t == DType::Float64 ? DType::Float64 : DType::Float32; }
@@ -136,11 +138,15 @@ LinearAttentionParams make_params(const char* op, const TensorView& q, const Ten
     LONGATTN_CHECK_VALUE(cu.shape[0] <= 1 || cu.stride[0] == 1, cat(op, ": cu_seqlens must be contiguous"));
     const int64_t n = cu.shape[0] - 1;
     const int32_t* c = static_cast<const int32_t*>(cu.data);
+    p.max_seqlen = a.max_seqlen;
     if (cu.device == DeviceType::CPU) {
       LONGATTN_CHECK_VALUE(c[0] == 0, cat(op, ": cu_seqlens[0] must be 0, got ", c[0]));
-      for (int64_t i = 0; i < n; ++i)
+      p.max_seqlen = 0;
+      for (int64_t i = 0; i < n; ++i) {
         LONGATTN_CHECK_VALUE(c[i + 1] >= c[i], cat(op, ": cu_seqlens must be non-decreasing, but entry ", i + 1,
                                                    " (", c[i + 1], ") < entry ", i, " (", c[i], ")"));
+        p.max_seqlen = std::max<int64_t>(p.max_seqlen, c[i + 1] - c[i]);
+      }
       LONGATTN_CHECK_VALUE(c[n] == q.shape[1], cat(op, ": cu_seqlens[-1] must equal the packed token count ",
                                                    q.shape[1], ", got ", c[n]));
     }
@@ -207,6 +213,13 @@ void check_cuda(const char* op, const LinearAttentionParams& p) {
   const int64_t vmax = p.normalize ? 255 : 256;
   LONGATTN_CHECK_VALUE(p.head_dim_v <= vmax, cat(op, ": the CUDA kernels support head_dim_v up to ", vmax,
                                                   p.normalize ? " with normalize=True" : "", ", got ", p.head_dim_v));
+  // Grids: heads on y (at most 65535); sequences x value tiles (up to 8) on x (at most
+  // 2^31 - 1); kernels index tokens in int.
+  LONGATTN_CHECK_VALUE(p.heads <= 65535, cat(op, ": the CUDA kernels support up to 65535 heads, got ", p.heads));
+  LONGATTN_CHECK_VALUE(p.seqlen <= 0x7fffffff,
+                       cat(op, ": the CUDA kernels support up to 2^31 - 1 tokens per call, got ", p.seqlen));
+  LONGATTN_CHECK_VALUE(p.batch <= (int64_t(1) << 28),
+                       cat(op, ": the CUDA kernels support up to 2^28 sequences per call, got ", p.batch));
 }
 
 void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,
@@ -323,16 +336,18 @@ void register_linear_attention(py::module_& m) {
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,
              const TensorView* initial_state, const TensorView* initial_z, const TensorView* final_state,
              const TensorView* final_z, const TensorView* log_decay, const TensorView* cu_seqlens, double scale,
-             int feature_map, bool causal, bool normalize, int64_t chunk_size, uintptr_t stream) {
-        forward(q, k, v, out, final_state, final_z,
-                args(initial_state, initial_z, log_decay, cu_seqlens, scale, feature_map, causal, normalize,
-                     chunk_size),
-                stream);
+             int feature_map, bool causal, bool normalize, int64_t chunk_size, uintptr_t stream,
+             int64_t max_seqlen) {
+        LinearArgs a = args(initial_state, initial_z, log_decay, cu_seqlens, scale, feature_map, causal, normalize,
+                            chunk_size);
+        a.max_seqlen = max_seqlen;
+        forward(q, k, v, out, final_state, final_z, a, stream);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out").none(true), py::arg("initial_state").none(true),
       py::arg("initial_z").none(true), py::arg("final_state").none(true), py::arg("final_z").none(true),
       py::arg("log_decay").none(true), py::arg("cu_seqlens").none(true), py::arg("scale"), py::arg("feature_map"),
-      py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"), py::arg("stream") = uintptr_t(0));
+      py::arg("causal"), py::arg("normalize"), py::arg("chunk_size"), py::arg("stream") = uintptr_t(0),
+      py::arg("max_seqlen") = int64_t(0));
   // linear_attention_forward on torch CPU tensors (decoding steps), described here rather
   // than in Python (torch_view.h). States and decays: the compute dtype (float32 or
   // float64); cu_seqlens int32.

@@ -206,6 +206,18 @@ void check_cuda_attention(const char* op, const AttentionParams& p) {
   LONGATTN_CHECK_VALUE(p.head_dim <= 256 && p.head_dim_v <= 256,
                        cat(op, ": the CUDA kernels support head dims up to 256, got head_dim=", p.head_dim,
                            ", head_dim_v=", p.head_dim_v));
+  // Grids are (token blocks x batch, heads): heads on y (at most 65535), blocks of 32 or
+  // more tokens times the batch on x (at most 2^31 - 1); kernels index tokens in int.
+  constexpr int64_t kMaxInt = 0x7fffffff;
+  LONGATTN_CHECK_VALUE(p.heads <= 65535, cat(op, ": the CUDA kernels support up to 65535 heads, got ", p.heads));
+  LONGATTN_CHECK_VALUE(p.seqlen_q <= kMaxInt && p.seqlen_k <= kMaxInt,
+                       cat(op, ": the CUDA kernels support sequences of up to 2^31 - 1 tokens, got seqlen_q=",
+                           p.seqlen_q, ", seqlen_k=", p.seqlen_k));
+  const int64_t blocks = (std::max(p.seqlen_q, p.seqlen_k) + 31) / 32;
+  LONGATTN_CHECK_VALUE(blocks * p.batch <= kMaxInt,
+                       cat(op, ": batch x ceil(longest sequence / 32) must be at most 2^31 - 1 on CUDA (the grid "
+                               "size), got batch=", p.batch, " with seqlen_q=", p.seqlen_q, ", seqlen_k=", p.seqlen_k,
+                           "; split the batch"));
 }
 
 void check_cu_seqlens(const char* op, const char* name, const TensorView& cu, int64_t batch, int64_t total) {

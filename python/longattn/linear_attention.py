@@ -89,14 +89,15 @@ def _host(x, dtype: str, name: str, op: str) -> Optional[_arrays.Array]:
     return _arrays.wrap(host, name, op)
 
 
-def _check_cu_device(cu, total: int, op: str) -> None:
+def _check_cu_device(cu, total: int, op: str) -> int:
     """Device cu_seqlens are validated on a host copy before any kernel reads them (the CPU
-    ones by the compiled module)."""
+    ones by the compiled module). Returns the longest sequence for device arrays (the CUDA
+    forward picks its step kernel by it), 0 otherwise."""
     if cu is None or cu.device == _arrays.CPU:
-        return
+        return 0
     from .attention import _check_cu_seqlens_on_host
 
-    _check_cu_seqlens_on_host(cu, "cu_seqlens", total, op)
+    return _check_cu_seqlens_on_host(cu, "cu_seqlens", total, op)
 
 
 def split_state(state, normalize: bool, name: str, op: str):
@@ -139,7 +140,7 @@ def forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, c
         raise ValueError(f"{op}: q, k, v must have 4 dims (batch, seqlen, heads, head_dim), got q {qa.shape}, "
                          f"v {va.shape}")
     n = qa.shape[0] if cu is None else cu.shape[0] - 1
-    _check_cu_device(cu, qa.shape[1], op)
+    max_seqlen = _check_cu_device(cu, qa.shape[1], op)
     cd = compute_dtype(qa.dtype)
     out = _arrays.empty(qa, va.shape)
     S = final_S if final_S is not None else _arrays.empty(qa, (n, qa.shape[2], qa.shape[3], va.shape[3]), cd)
@@ -155,7 +156,7 @@ def forward_arrays(q, k, v, log_decay, S0, z0, cu_seqlens, scale, feature_map, c
                                 _view(za), _arrays.wrap(S, "final_state", op).view(),
                                 None if zk is None else _arrays.wrap(zk, "final_state", op).view(), _view(ga),
                                 _view(cu), scale, feature_map, causal, normalize, chunk_size,
-                                _arrays.stream_of(qa, None))
+                                _arrays.stream_of(qa, None), max_seqlen)
     if z_alias:
         z[...] = zk
     return out, S, z

@@ -5,6 +5,7 @@
 // For checking kernel indexing on machines without a GPU; tests/test_linear_attention_cuda.py
 // holds the GPU tests. Build and run: tests/cuda_emulation/run.sh linear [case-substring]
 #define LONGATTN_FLASH_EMULATE 1
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -128,6 +129,7 @@ struct Run {
     st(p.v_stride, c.V);
     st(p.out_stride, c.V);
     p.cu_seqlens = c.varlen ? cu.data() : nullptr;
+    for (int l : c.lens) p.max_seqlen = std::max<int64_t>(p.max_seqlen, l);
     p.scale = 1.0 / std::sqrt(double(c.K));
     p.feature_map = FeatureMap(c.fmap);
     p.causal = c.causal;
@@ -567,6 +569,34 @@ int main(int argc, char** argv) {
   ones("ones columns T=200 no decay V=72", true, false, false, 200, 72);
   ones("ones columns reversed T=150 gates", true, true, true, 150, 24);
   ones("ones columns non-causal T=150", false, false, false, 150, 24);
+  if (emu::selected("kernel choice", filter)) {
+    // The forward takes the step kernel only when every causal sequence is short: a packed
+    // batch with one long sequence among short ones (average <= 8) walks it in chunks.
+    ++runs;
+    longattn::LinearAttentionParams p;
+    int32_t cu[] = {0, 1, 2, 3, 30};
+    p.batch = 4;
+    p.seqlen = 30;
+    p.cu_seqlens = cu;
+    bool good = true;
+    p.max_seqlen = 27;
+    good &= !lin::use_step(p);
+    p.max_seqlen = 8;
+    good &= lin::use_step(p);
+    p.max_seqlen = 0;  // not known
+    good &= !lin::use_step(p);
+    p.cu_seqlens = nullptr;
+    p.batch = 2;
+    p.seqlen = 8;
+    good &= lin::use_step(p);
+    p.seqlen = 9;
+    good &= !lin::use_step(p);
+    p.seqlen = 3;
+    p.causal = false;
+    good &= !lin::use_step(p);
+    std::printf("%s kernel choice (step kernel only for short causal sequences)\n", good ? "ok  " : "FAIL");
+    fails += good ? 0 : 1;
+  }
   std::printf("%d failure(s) in %d cases\n", fails, runs);
   return fails ? 1 : 0;
 }

@@ -34,6 +34,8 @@ struct LinearAttentionParams {
   // batch row and per-sequence token offsets in cu_seqlens.
   int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, out_stride[3] = {};
   const int32_t* cu_seqlens = nullptr;
+  int64_t max_seqlen = 0;  // packed: the longest sequence, 0 if not known (CUDA then never
+                           // picks the step kernel, which walks a sequence token by token)
 
   double scale = 1.0;
   FeatureMap feature_map = FeatureMap::Identity;
