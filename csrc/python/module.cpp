@@ -518,7 +518,8 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
                        const TensorView* lse, const AttentionArgs& a, uintptr_t stream) {
   const char* op = a.sparse ? "block_sparse_attention" : a.cu_seqlens_q ? "flash_attention_varlen" : "flash_attention";
   AttentionParams p = attention_params(op, q, k, v, out, lse, a);
-  LONGATTN_CHECK_VALUE(lse != nullptr, checks::cat(op, ": lse is required"));
+  // The CPU kernels write the lse only where asked (the eager torch path without return_lse).
+  LONGATTN_CHECK_VALUE(lse != nullptr || q.device == DeviceType::CPU, checks::cat(op, ": lse is required"));
   BlockSparseSchedule bs;
   if (a.sparse) {
     LONGATTN_CHECK_VALUE(!a.cu_seqlens_q, checks::cat(op, ": block-sparse attention takes dense batches"));
@@ -721,17 +722,18 @@ PYBIND11_MODULE(_C, m) {
         const char* op = "flash_attention";
         const TensorView qv = torch_cpu_float_view(q, op, "q"), kv = torch_cpu_float_view(k, op, "k"),
                          vv = torch_cpu_float_view(v, op, "v"), ov = torch_cpu_float_view(out, op, "out");
-        const TensorView lv = torch_cpu_view(lse, op, "lse", DType::Float32, DType::Float32, "float32");
-        TensorView av;
+        TensorView lv, av;  // lse may be None (not wanted: an eager call without return_lse)
+        const bool has_lse = torch_cpu_view_opt(lse, op, "lse", DType::Float32, DType::Float32, "float32", lv);
         const bool has_alibi =
             torch_cpu_view_opt(alibi, op, "alibi_slopes", DType::Float32, DType::Float32, "float32", av);
-        attention_forward(qv, kv, vv, ov, &lv,
+        attention_forward(qv, kv, vv, ov, has_lse ? &lv : nullptr,
                           AttentionArgs{nullptr, nullptr, nullptr, 0, 0, scale, softcap, has_alibi ? &av : nullptr,
                                         wl, wr, causal, false},
                           0);
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes").none(true),
-      py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("causal"));
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse").none(true),
+      py::arg("alibi_slopes").none(true), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+      py::arg("window_right"), py::arg("causal"));
   m.def(
       "attention_backward",
       [args](const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, const TensorView& lse,

@@ -213,7 +213,8 @@ def _dispatch(op, q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, return_lse, de
     if _arrays.framework_of(q) == "torch" and stream is None:
         from . import torch_ops
 
-        out, lse = torch_ops.flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, bool(deterministic))
+        out, lse = torch_ops.flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, bool(deterministic),
+                                             return_lse)
     else:
         out, lse = forward_arrays(q, k, v, cu_q, cu_k, max_q, max_k, opts["scale"], opts["softcap"], alibi,
                                   opts["window_left"], opts["window_right"], opts["causal"], stream, op)

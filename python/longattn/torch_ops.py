@@ -17,26 +17,35 @@ custom_op, register_autograd = op_lib.custom_op, op_lib.register_autograd
 _C.set_torch_dtypes([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
 
 
+def _eager() -> bool:
+    """Eager mode: not compiling, tracing or profiling, no torch function or dispatch mode
+    and no functorch transform active (see _direct)."""
+    return not (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._autograd._profiler_enabled()
+                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active())
+
+
 def _direct(*args) -> bool:
     """Whether a call may skip the torch dispatcher and run its op's body directly (the same
-    function the op runs, so the same result): eager mode (not compiling, tracing or
-    profiling), no torch function or dispatch mode and no functorch transform active, plain
-    CPU / CUDA tensors (no subclass: FakeTensor, FunctionalTensor, DTensor, ...) and nothing
-    for autograd to record. The dispatcher and custom-op wrappers cost ~20 us per call on a
+    function the op runs, so the same result): eager mode (_eager), plain CPU / CUDA
+    tensors (no subclass: FakeTensor, FunctionalTensor, DTensor, ...) and nothing for
+    autograd to record. The dispatcher and custom-op wrappers cost ~20 us per call on a
     2-core VM, more than a decoding step's kernel."""
-    if (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._autograd._profiler_enabled()
-            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if not _eager():
         return False
     grad = torch.is_grad_enabled()
     T = torch.Tensor
     for t in args:
-        if type(t) is T:
+        tt = type(t)
+        if tt is T:
             if (grad and t.requires_grad) or not (t.is_cpu or t.is_cuda):
                 return False
-        elif isinstance(t, T):  # a subclass
+        elif tt not in _SCALAR_TYPES and isinstance(t, T):  # a subclass
             return False
     return True
+
+
+_SCALAR_TYPES = frozenset((type(None), bool, int, float))
 
 
 def _call(op, body, *args):
@@ -230,23 +239,27 @@ def _dense_cpu(q, k, v, alibi) -> bool:
     return _plain_cpu(q, k, v, alibi) and q.dim() == 4 and v.dim() == 4
 
 
-def _flash_outputs(q, v, varlen: bool):
+def _flash_outputs(q, v, varlen: bool, need_lse: bool = True):
     """Empty (out, lse) for a forward: out like q with v's head dim, lse float32
-    (batch, heads, seqlen_q), or (heads, total_q) for packed input."""
+    (batch, heads, seqlen_q), or (heads, total_q) for packed input (None if not need_lse)."""
     if varlen:
         T, H, _ = q.shape
         return q.new_empty((T, H, v.shape[-1])), q.new_empty((H, T), dtype=torch.float32)
     B, S, H, _ = q.shape
-    return q.new_empty((B, S, H, v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32)
+    return q.new_empty((B, S, H, v.shape[-1])), q.new_empty((B, H, S), dtype=torch.float32) if need_lse else None
+
+
+def _flash_cpu(q, k, v, alibi, scale, softcap, window_left, window_right, causal, need_lse=True):
+    """The forward through _C.attention_forward_torch_cpu (inputs as _dense_cpu takes)."""
+    out, lse = _flash_outputs(q, v, False, need_lse)
+    _C.attention_forward_torch_cpu(q, k, v, out, lse, alibi, scale, softcap, window_left, window_right, causal)
+    return out, lse
 
 
 def _flash_attention_forward_body(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                   alibi_slopes, window_left, window_right, causal, deterministic):
     if cu_seqlens_q is None and cu_seqlens_k is None and _dense_cpu(q, k, v, alibi_slopes):
-        out, lse = _flash_outputs(q, v, False)
-        _C.attention_forward_torch_cpu(q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right,
-                                       causal)
-        return out, lse
+        return _flash_cpu(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, causal)
     return _attention.forward_arrays(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                                      alibi_slopes, window_left, window_right, causal)
 
@@ -307,7 +320,19 @@ ATTENTION_OPS = [torch.ops.longattn.flash_attention_forward.default,
                  torch.ops.longattn.flash_attention_backward.default]
 
 
-def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministic):
+def _no_grad_needed(q, k, v, alibi) -> bool:
+    return not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad
+                                               or (alibi is not None and alibi.requires_grad))
+
+
+def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministic, need_lse=True):
+    """(out, lse); lse may be None when need_lse is False."""
+    if (cu_q is None and cu_k is None and _dense_cpu(q, k, v, alibi) and _eager()
+            and _no_grad_needed(q, k, v, alibi)):
+        # The op body's own path (_flash_attention_forward_body), without the lse when the
+        # caller does not want it: nothing is recorded for a backward.
+        return _flash_cpu(q, k, v, alibi, opts["scale"], opts["softcap"], opts["window_left"], opts["window_right"],
+                          opts["causal"], need_lse)
     for name, x in (("k", k), ("v", v), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("alibi_slopes", alibi)):
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"flash_attention: {name} is a {type(x).__module__}.{type(x).__name__} but q is a torch "
