@@ -40,14 +40,16 @@ class Pool {
   explicit Pool(int n) { resize(n); }
   ~Pool() { stop(); }
 
-  int size() const { return size_; }
+  int size() const { return size_.load(std::memory_order_relaxed); }
 
+  // Waits for a job that another thread is running (set_num_threads during a call).
   void resize(int n) {
+    std::lock_guard<std::mutex> serial(run_mu_);
     stop();
-    size_ = std::max(1, n);
+    size_.store(std::max(1, n));
     quit_ = false;
     quit_flag_.store(false);
-    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { loop(); });
+    for (int i = 1; i < size(); ++i) workers_.emplace_back([this] { loop(); });
   }
 
   void run(int64_t chunks, const std::function<void(int64_t)>& chunk_fn) {
@@ -120,7 +122,7 @@ class Pool {
     workers_.clear();
   }
 
-  int size_ = 1;
+  std::atomic<int> size_{1};  // read by parallel_for without a lock
   std::vector<std::thread> workers_;
   std::mutex run_mu_, mu_;
   std::condition_variable cv_, done_cv_;
