@@ -385,9 +385,15 @@ inline typename Vec<C>::type vload_as(const R* p) {
     return vload(p);
   } else if constexpr (std::is_same<R, bf16_t>::value) {
     static_assert(std::is_same<C, float>::value, "bfloat16 rows convert to float");
+#if defined(__AVX512F__)
+    const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
     HalfBitsVec h;
     std::memcpy(&h, p, sizeof(h));
     const FloatBitsVec w = __builtin_convertvector(h, FloatBitsVec) << 16;
+#endif
     V v;
     std::memcpy(&v, &w, sizeof(v));
     return v;
