@@ -334,16 +334,10 @@ struct ForwardScratch {
   }
 };
 
-// Whether rows of n elements of T must be converted to be read as C rows of np elements.
-template <typename T, typename C>
-constexpr bool row_copy(int64_t n, int64_t np) {
-  return !std::is_same<T, C>::value || n != np;
-}
-
 // Row pointers of keys [j0, j0 + cols) of (sequence s, kv heads hk .. hk + nkv) of a K or
 // V array, rows of np elements: where they lie (rows of the input dtype T, read and
-// converted by vload_as) when in_place (n == np and rows_in_place), else their conversion to C with a zero tail in buf
-// (head i's rows at buf + i kBlockK np; kBlockK x np each); head i's pointers at
+// converted by vload_as) when in_place (!row_copy), else their conversion to C with a
+// zero tail in buf (head i's rows at buf + i kBlockK np; kBlockK x np each); head i's pointers at
 // rows + i kBlockK. Pointers from cols up to the next multiple of kDirectGroup point at
 // `zero` (zero bytes: a zero row of T or C). Conversions walk the keys outermost, so the
 // rows of all nkv heads (adjacent in a (batch, seq, heads, dim) array) are read in memory
@@ -424,6 +418,13 @@ constexpr bool rows_in_place() {
 #else
   return !std::is_same<T, half_t>::value;
 #endif
+}
+
+// Whether direct tiles convert rows of n elements of T into scratch C rows of np elements
+// (else they read them in place).
+template <typename T, typename C>
+constexpr bool row_copy(int64_t n, int64_t np) {
+  return !rows_in_place<T, C>() || n != np;
 }
 
 // When a work item reads a small part of each token's K / V rows (one head of many: rows
@@ -607,7 +608,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   // Decided by the tile alone, so a sequence gets the same bits in a varlen batch as alone.
   const bool direct = rows <= PackedKV<C>::kDirectRows;
   // Direct tiles read K / V rows of T in place (else they convert them into scratch).
-  const bool k_in_place = rows_in_place<T, C>() && D == dp, v_in_place = rows_in_place<T, C>() && Dv == dvp;
+  const bool k_in_place = !row_copy<T, C>(D, dp), v_in_place = !row_copy<T, C>(Dv, dvp);
   const int64_t qrows = direct ? rows : mrows, R_pad = direct ? R : mrows;
   const int64_t rpk = std::min(nh, group) * rows;  // stacked rows per kv head
   const bool prefetch = kv.prefetch && p.k_stride[1] > 2 * nkv * D;  // (kPrefetchMinBytes)

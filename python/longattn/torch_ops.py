@@ -320,15 +320,9 @@ ATTENTION_OPS = [torch.ops.longattn.flash_attention_forward.default,
                  torch.ops.longattn.flash_attention_backward.default]
 
 
-def _no_grad_needed(q, k, v, alibi) -> bool:
-    return not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad
-                                               or (alibi is not None and alibi.requires_grad))
-
-
 def flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, opts, alibi, deterministic, need_lse=True):
     """(out, lse); lse may be None when need_lse is False."""
-    if (cu_q is None and cu_k is None and _dense_cpu(q, k, v, alibi) and _eager()
-            and _no_grad_needed(q, k, v, alibi)):
+    if cu_q is None and cu_k is None and _dense_cpu(q, k, v, alibi) and _direct(q, k, v, alibi):
         # The op body's own path (_flash_attention_forward_body), without the lse when the
         # caller does not want it: nothing is recorded for a backward.
         return _flash_cpu(q, k, v, alibi, opts["scale"], opts["softcap"], opts["window_left"], opts["window_right"],
