@@ -233,6 +233,8 @@ KEY_CASES = [
     _case(dtype="float16", Sq=0, Sk=63, H=2, Hkv=1, D=16, Dv=8),  # no queries
     _case(dtype="float32", Sq=63, Sk=2, H=4, Hkv=2, D=8, Dv=16, causal=False, window=(0, 0)),  # diagonal only
     _case(dtype="bfloat16", Sq=1, Sk=1, H=3, Hkv=1, D=5, Dv=3, causal=False, softcap=1.0, alibi="h"),
+    # a last query tile of 2 rows (read in place, no GEMM) with Dv a single AVX2 column block
+    _case(dtype="float32", B=1, Sq=130, Sk=130, H=2, Hkv=2, D=8, Dv=16, causal=False),
 ]
 
 

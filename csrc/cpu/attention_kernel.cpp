@@ -507,8 +507,10 @@ inline void pv_chunk(const void* const* vrows, const C* pr, int64_t n, int64_t d
 }
 
 // O[r] += sum_c P[r][c] v_c for the R rows of a direct tile (rows grouped by kv head as in
-// direct_scores, vrows from direct_rows, dvp a multiple of 4 W), kDirectGroup keys per pass
-// over each output row; a row whose probabilities in a group are all 0 (masked) skips it.
+// direct_scores, vrows from direct_rows, dvp a multiple of gemm_col_align), kDirectGroup keys
+// per pass over each output row, 4 vectors of it at a time and the rest (AVX2's column
+// alignment is 2 vectors) 2 at a time; a row whose probabilities in a group are all 0
+// (masked) skips it.
 template <typename C, typename Row>
 void direct_pv(int64_t cols, int64_t R, int64_t rpk, const C* P, int64_t dvp, const void* const* vrows, C* O) {
   constexpr int W = Vec<C>::N;
@@ -520,7 +522,10 @@ void direct_pv(int64_t cols, int64_t R, int64_t rpk, const C* P, int64_t dvp, co
       if (!any) continue;
       C* o = O + r * dvp;
       const void* const* vr = vrows + (r / rpk) * kBlockK + c0;
-      for (int64_t d0 = 0; d0 < dvp; d0 += 4 * W) pv_chunk<C, Row, 4>(vr, pr, kDirectGroup, d0, o);
+      int64_t d0 = 0;
+      for (; d0 + 4 * W <= dvp; d0 += 4 * W) pv_chunk<C, Row, 4>(vr, pr, kDirectGroup, d0, o);
+      static_assert(kGemmCols % 2 == 0, "dvp must be a multiple of 2 vectors");
+      for (; d0 < dvp; d0 += 2 * W) pv_chunk<C, Row, 2>(vr, pr, kDirectGroup, d0, o);
     }
   }
 }
@@ -562,12 +567,12 @@ constexpr C kLazyMax = C(8);
 // holds that block's first column, for the general online-softmax step after the GEMM.
 // raw[row] = kBlockK: no raw column. A row with no key seen yet (m = -inf) takes the max
 // of its first block as m, so a query block's first tile is exponentiated here too.
-template <typename C>
-inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C>& acc, C* m, C* l, int32_t* raw, C* S) {
+template <typename C, int R>
+inline void scores_exp_epilogue(int64_t m0, int64_t n0, GemmTile<C, R>& acc, C* m, C* l, int32_t* raw, C* S) {
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
-#pragma GCC unroll 4
-  for (int r = 0; r < kGemmRows; ++r) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
     const int64_t row = m0 + r;
     if (n0 == 0) raw[row] = int32_t(kBlockK);
     C* out = S + row * kBlockK + n0;
@@ -647,8 +652,8 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     if (plain) {
       C* S = w.s.data();
       gemm_epilogue<C, false, false>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK,
-                                     [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
-                                       scores_exp_epilogue<C>(m0, n0, acc, w.m.data(), w.l.data(), w.raw.data(), S);
+                                     [&](int64_t m0, int64_t n0, auto& acc) {
+                                       scores_exp_epilogue(m0, n0, acc, w.m.data(), w.l.data(), w.raw.data(), S);
                                      });
     } else if (!direct) {
       gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
@@ -918,9 +923,9 @@ __attribute__((noinline)) void probs_gemm(int64_t D, const C* qs, int64_t dp, co
   using V = typename Vec<C>::type;
   constexpr int W = Vec<C>::N;
   gemm_epilogue<C, false, false>(kBlockQ, kBlockK, D, qs, dp, kt, kBlockK, P, kBlockK,
-                                 [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
-#pragma GCC unroll 4
-                                   for (int r = 0; r < kGemmRows; ++r) {
+                                 [&](int64_t m0, int64_t n0, auto& acc) {
+#pragma GCC unroll 8
+                                   for (int r = 0; r < tile_rows<decltype(acc)>; ++r) {
                                      C* out = P + (m0 + r) * kBlockK + n0;
                                      const C shift = lse[m0 + r];
 #pragma GCC unroll 4
@@ -937,9 +942,9 @@ __attribute__((noinline)) void dscores_gemm(int64_t Dv, const C* dout, int64_t d
                                             const C* delta, C* dS) {
   constexpr int W = Vec<C>::N;
   gemm_epilogue<C, false, false>(kBlockQ, kBlockK, Dv, dout, dvp, vt, kBlockK, dS, kBlockK,
-                                 [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
-#pragma GCC unroll 4
-                                   for (int r = 0; r < kGemmRows; ++r) {
+                                 [&](int64_t m0, int64_t n0, auto& acc) {
+#pragma GCC unroll 8
+                                   for (int r = 0; r < tile_rows<decltype(acc)>; ++r) {
                                      const int64_t at = (m0 + r) * kBlockK + n0;
                                      const C dl = delta[m0 + r];
 #pragma GCC unroll 4

@@ -6,10 +6,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #if defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #ifndef LONGATTN_ISA_NS
@@ -49,9 +52,15 @@ inline void vstore(C* p, typename Vec<C>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// GEMM tiles: kGemmRows rows of C by kGemmCols vectors held in registers.
+// GEMM tiles: rows of C by kGemmCols vectors held in registers. Callers pad M to a
+// multiple of kGemmRows; the loops take kGemmTileRows rows at a time where they fit and
+// kGemmRows at the end. The tile is as large as the vector registers allow with the B
+// vectors and one broadcast A value beside it: AVX-512's 32 registers hold 4 x 4
+// accumulators; AVX2's and SSE's 16 hold 6 x 2 (4 x 4 there would keep two accumulators
+// on the stack, and each k step would then wait on a store and a reload).
 constexpr int kGemmRows = 4;
-constexpr int kGemmCols = 4;
+constexpr int kGemmCols = kVecBytes == 64 ? 4 : 2;
+constexpr int kGemmTileRows = kVecBytes == 64 ? 4 : 6;
 template <typename C>
 constexpr int64_t gemm_col_align() {
   return int64_t(kGemmCols) * Vec<C>::N;
@@ -59,57 +68,84 @@ constexpr int64_t gemm_col_align() {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The register tile of gemm_acc: kGemmRows x kGemmCols vectors.
-template <typename C>
-using GemmTile = typename Vec<C>::type[kGemmRows][kGemmCols];
+// A register tile of R rows (kGemmTileRows or kGemmRows) by kGemmCols vectors.
+template <typename C, int R>
+using GemmTile = typename Vec<C>::type[R][kGemmCols];
+
+// The row count of a GemmTile (or a reference to one), for epilogues written for either:
+// tile_rows<decltype(tile)>.
+template <typename Tile>
+constexpr int tile_rows = int(std::extent<std::remove_reference_t<Tile>>::value);
+
+// Rows [0, gemm_wide_rows(M)) of an M-row product (M a multiple of kGemmRows) go in tiles
+// of kGemmTileRows rows, the rest in tiles of kGemmRows.
+inline int64_t gemm_wide_rows(int64_t M) {
+  int64_t wide = M / kGemmTileRows * kGemmTileRows;
+  while (wide > 0 && (M - wide) % kGemmRows != 0) wide -= kGemmTileRows;
+  return wide;
+}
+
+// One register tile of gemm_epilogue: rows m0..m0 + R, columns n0..n0 + kGemmCols vectors.
+// Not inlined, so the k loop gets the registers to itself whatever the caller (inlined into
+// the attention forward, the 6-row tile kept a third of its accumulators on the stack).
+template <typename C, int R, bool Accumulate, bool TransA, typename Epilogue>
+__attribute__((noinline)) void gemm_tile(int64_t m0, int64_t n0, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb,
+                      const C* Cm, int64_t ldc, Epilogue& epi) {
+  using V = typename Vec<C>::type;
+  constexpr int W = Vec<C>::N;
+  constexpr int NC = kGemmCols;
+  V acc[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) acc[r][c] = Accumulate ? vload(Cm + (m0 + r) * ldc + n0 + c * W) : V{};
+  const C* a = TransA ? A + m0 : A + m0 * lda;
+  const C* b = B + n0;
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) bv[c] = vload(b + k * ldb + c * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const C av = TransA ? a[k * lda + r] : a[r * lda + k];
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
+    }
+  }
+  epi(m0, n0, acc);
+}
 
 // Cm[M x N] (+)= A[M x K] * B[K x N], all row-major packed buffers (Accumulate: add to Cm;
 // otherwise overwrite it). M must be a multiple of kGemmRows and N of gemm_col_align<C>()
-// (callers pad with zeros), so the tile loops need no edge handling.
+// (callers pad with zeros), so the tile loops need no edge handling. Every element is one
+// k-ordered sum, so the result does not depend on the tiling.
 // TransA: A is stored transposed, K x M row-major (lda = its row length), so C += A^T B
 // needs no transposed copy.
 // gemm_epilogue: the same, but each finished register tile (rows m0.., columns n0..) goes
 // to epi(m0, n0, tile) instead of being stored, so a caller can transform it while it is
-// still in registers (the attention forward takes exp of the scores there).
+// still in registers (the attention forward takes exp of the scores there). The tile is a
+// GemmTile<C, kGemmTileRows> or a GemmTile<C, kGemmRows>: epilogues take `auto& tile`.
 template <typename C, bool Accumulate, bool TransA, typename Epilogue>
 inline void gemm_epilogue(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B, int64_t ldb,
                           const C* Cm, int64_t ldc, Epilogue&& epi) {
-  using V = typename Vec<C>::type;
-  constexpr int W = Vec<C>::N;
-  constexpr int R = kGemmRows, NC = kGemmCols;
-  for (int64_t n0 = 0; n0 < N; n0 += NC * W) {
-    for (int64_t m0 = 0; m0 < M; m0 += R) {
-      V acc[R][NC];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int c = 0; c < NC; ++c) acc[r][c] = Accumulate ? vload(Cm + (m0 + r) * ldc + n0 + c * W) : V{};
-      const C* a = TransA ? A + m0 : A + m0 * lda;
-      const C* b = B + n0;
-      for (int64_t k = 0; k < K; ++k) {
-        V bv[NC];
-#pragma GCC unroll 4
-        for (int c = 0; c < NC; ++c) bv[c] = vload(b + k * ldb + c * W);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const C av = TransA ? a[k * lda + r] : a[r * lda + k];
-#pragma GCC unroll 4
-          for (int c = 0; c < NC; ++c) acc[r][c] += av * bv[c];
-        }
-      }
-      epi(m0, n0, acc);
-    }
+  const int64_t wide = gemm_wide_rows(M);
+  for (int64_t n0 = 0; n0 < N; n0 += kGemmCols * Vec<C>::N) {
+    for (int64_t m0 = 0; m0 < wide; m0 += kGemmTileRows)
+      gemm_tile<C, kGemmTileRows, Accumulate, TransA>(m0, n0, K, A, lda, B, ldb, Cm, ldc, epi);
+    if constexpr (kGemmTileRows != kGemmRows)
+      for (int64_t m0 = wide; m0 < M; m0 += kGemmRows)
+        gemm_tile<C, kGemmRows, Accumulate, TransA>(m0, n0, K, A, lda, B, ldb, Cm, ldc, epi);
   }
 }
 
-// Not inlined: inlined into the large attention loops, its 16 accumulators and their
-// operands no longer fit the registers and get spilled (fma with a stack operand).
+// Not inlined: inlined into the large attention loops, its accumulators and their operands
+// no longer fit the registers and get spilled (fma with a stack operand).
 template <typename C, bool Accumulate = true, bool TransA = false>
 __attribute__((noinline)) void gemm_acc(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const C* B,
                                         int64_t ldb, C* Cm, int64_t ldc) {
-  gemm_epilogue<C, Accumulate, TransA>(M, N, K, A, lda, B, ldb, Cm, ldc, [&](int64_t m0, int64_t n0, GemmTile<C>& acc) {
-#pragma GCC unroll 4
-    for (int r = 0; r < kGemmRows; ++r)
+  gemm_epilogue<C, Accumulate, TransA>(M, N, K, A, lda, B, ldb, Cm, ldc, [&](int64_t m0, int64_t n0, auto& acc) {
+#pragma GCC unroll 8
+    for (int r = 0; r < tile_rows<decltype(acc)>; ++r)
 #pragma GCC unroll 4
       for (int c = 0; c < kGemmCols; ++c) vstore(Cm + (m0 + r) * ldc + n0 + c * Vec<C>::N, acc[r][c]);
   });
@@ -232,6 +268,22 @@ inline bool any_greater(typename Vec<C>::type a, C t) {
 #endif
 }
 
+// min(max(v, lo), hi) lane by lane with NaN lanes left NaN, in two instructions: x86's
+// max / min return their second operand when either is NaN (a compare and a blend per
+// bound otherwise, which is what the portable form below compiles to).
+inline Vec<float>::type clamp_keep_nan(Vec<float>::type v, float lo, float hi) {
+#if defined(__AVX512F__)
+  return Vec<float>::type(_mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), __m512(v))));
+#elif defined(__AVX__)
+  return Vec<float>::type(_mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), __m256(v))));
+#elif defined(__SSE2__)
+  return Vec<float>::type(_mm_min_ps(_mm_set1_ps(hi), _mm_max_ps(_mm_set1_ps(lo), __m128(v))));
+#else
+  v = v < lo ? Vec<float>::type{} + lo : v;
+  return v > hi ? Vec<float>::type{} + hi : v;
+#endif
+}
+
 // exp(v) lane by lane for float arguments v <= 88 (the softmax's are <= 0): Cody-Waite
 // reduction v = k ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial (relative error below
 // 2e-7), times 2^k. Arguments are clamped below at -88: k = round(-88 log2 e) = -127, and
@@ -242,8 +294,7 @@ inline bool any_greater(typename Vec<C>::type a, C t) {
 inline Vec<float>::type exp_vec(Vec<float>::type v) {
   using V = Vec<float>::type;
   typedef int32_t VI __attribute__((vector_size(kVecBytes)));
-  v = v < -88.0f ? V{} - 88.0f : v;
-  v = v > 88.0f ? V{} + 88.0f : v;
+  v = clamp_keep_nan(v, -88.0f, 88.0f);
   const V t = v * 1.44269504088896341f;
   const V kf = (t + 12582912.0f) - 12582912.0f;  // round to nearest
   const V r = (v - kf * 0.693145751953125f) - kf * 1.42860682030941723212e-6f;
