@@ -1261,7 +1261,9 @@ def test_short_query_calls_equal_the_same_rows_of_a_long_call(dtype, D, rows):
     visit when each key tile serves at most two (query head, query tile) visits, and read in
     place for query tiles of at most 4 rows (decoding; over 1024 keys or more also split
     into key ranges that are merged). The packed ways give the same bits; the in-place one
-    sums each score in another order, so it agrees to rounding. Non-causal: the long call's rows see the same keys."""
+    sums each score in another order (and, for bfloat16 on CPUs with the AVX512_BF16 dot
+    product, keeps P in float32 where the packed ways round it to bfloat16 for P V), so it
+    agrees to rounding. Non-causal: the long call's rows see the same keys."""
     rng = np.random.default_rng(rows * D)
     q, k, v = (numpy_to_torch(rng.standard_normal(sh).astype(NP_DTYPES[dtype]))
                for sh in ((2, 300, 4, D), (2, 333, 2, D), (2, 333, 2, 24)))
@@ -1276,6 +1278,48 @@ def test_short_query_calls_equal_the_same_rows_of_a_long_call(dtype, D, rows):
             torch.testing.assert_close(out.float(), want_out.float(), rtol=tol, atol=tol)
             torch.testing.assert_close(lse, want_lse, rtol=2e-6, atol=2e-6)
             assert not torch.equal(out.float(), torch.zeros_like(out.float()))
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_bfloat16_dot_product_is_used_exactly_where_the_cpu_has_it_and_the_level_is_not_capped():
+    """bfloat16 Q K^T and P V run on AVX512_BF16's vdpbf16ps when the kernels dispatch to
+    AVX-512 and the CPU has it; LONGATTN_CPU_ISA=avx512 (or lower) turns it off. On a CPU
+    that has it, this is what makes the bfloat16 cases of the other tests check that path."""
+    info = longattn.build_info()
+    capped = os.environ.get("LONGATTN_CPU_ISA") in ("avx512", "avx2", "baseline")
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    expected = info["cpu_isa"] == "avx512" and "avx512_bf16" in flags and not capped
+    assert info["cpu_bf16_dot"] == expected
+
+
+@pytest.mark.parametrize("sk", [3, 129, 1000])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_uniform_probabilities_that_bfloat16_cannot_represent_stay_within_the_rule(sk, causal):
+    """Equal scores give P = 1/n, which bfloat16 rounds by up to 2^-9 relative, all in the
+    same direction; the packed bfloat16 path rounds P so for P V (as GPU flash kernels do)
+    while the row sum keeps float32 P. The bias this leaves in out stays within the rule."""
+    rng = np.random.default_rng(sk)
+    q = np.zeros((1, 70, 2, 64), np.float32).astype(NP_BFLOAT16)
+    k = rng.standard_normal((1, sk, 2, 64)).astype(NP_BFLOAT16)
+    v = (rng.standard_normal((1, sk, 2, 48)) + 3.0).astype(NP_BFLOAT16)  # a mean far from 0
+    q, k, v = (numpy_to_torch(x) for x in (q, k, v))
+    out, lse = longattn.flash_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = attention_reference(to_float64(q), to_float64(k), to_float64(v), causal=causal)
+    naive_out, naive_lse = naive_attention_low_precision(q, k, v, causal=causal)
+    assert_close_by_rule(out, ref_out, naive_out, what="out")
+    assert_lse_matches(lse, ref_lse, naive_lse)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

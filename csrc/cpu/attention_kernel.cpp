@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "longattn/cpu_isa.h"
 #include "longattn/attention.h"
 #include "longattn/host_buffer.h"
 #include "longattn/parallel.h"
@@ -244,6 +245,9 @@ struct PackedKV {
   static constexpr int64_t kDirectRows = kGemmRows;
   bool streamed;
   bool all_direct;  // every query tile has at most kDirectRows rows
+  // bfloat16 inputs on a CPU with AVX512_BF16 (cpu_bf16_dot): tiles hold bfloat16 pairs
+  // for gemm_bf16_epilogue (pack_kv_tile_pairs) in the first half of each float tile.
+  bool pairs = false;
   bool prefetch = false;  // direct tiles prefetch K / V rows (set by forward: kPrefetchMinBytes)
 
   PackedKV(const AttentionParams& p, int64_t q_tile)
@@ -285,12 +289,70 @@ void pack_kv_tile(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_
   pack_rows<T, C>(vs, p.v_stride[1], cols, p.head_dim_v, C(1), v, kBlockK, dvp);
 }
 
+// The bfloat16 pair layouts of gemm_bf16_epilogue (kHaveBf16Gemm), 32-bit lanes holding
+// two bfloat16 values of the reduction dimension. Query rows: lane d of row r holds
+// elements 2d, 2d + 1 of query r (its bfloat16 row as it lies); the softmax scale is
+// applied to the product instead, so no rounding is added to q.
+inline uint32_t bf16_pair(const bf16_t* row, int64_t i, int64_t n) {  // elements i, i + 1 (0 past n)
+  return (i < n ? uint32_t(row[i].bits) : 0u) | (i + 1 < n ? uint32_t(row[i + 1].bits) << 16 : 0u);
+}
+
+// pack_rows for the pair layout: rows [0, n) of dim elements, zero padded to `rows` rows
+// of ld2 lanes.
+inline void pack_rows_pairs(const bf16_t* src, int64_t stride, int64_t n, int64_t dim, uint32_t* dst, int64_t rows,
+                            int64_t ld2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint32_t* d = dst + r * ld2;
+    std::fill(d, d + ld2, 0u);
+    if (r < n) std::memcpy(d, src + r * stride, size_t(dim) * sizeof(bf16_t));
+  }
+}
+
+// pack_kv_tile for the pair layout: K^T (dp / 2 x kBlockK lanes: lane (d, c) holds
+// k[c][2d], k[c][2d + 1]) into kt and V (kBlockK / 2 x dvp lanes: lane (c, e) holds
+// v[2c][e], v[2c + 1][e]) into v, zero past the keys and head dims.
+template <typename T>
+void pack_kv_tile_pairs(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t kb, int64_t dp, int64_t dvp,
+                        uint32_t* kt, uint32_t* v) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
+    const int64_t D = p.head_dim, Dv = p.head_dim_v, full = D / 2;
+    for (int64_t c = 0; c < kBlockK; ++c) {
+      if (c >= cols) {
+        for (int64_t d = 0; d < dp / 2; ++d) kt[d * kBlockK + c] = 0u;
+        continue;
+      }
+      const bf16_t* k = kv_row<T>(p.k, p.k_stride, s, hk, j0 + c);
+      for (int64_t d = 0; d < full; ++d) std::memcpy(kt + d * kBlockK + c, k + 2 * d, 4);  // a row's pairs as they lie
+      for (int64_t d = full; d < dp / 2; ++d) kt[d * kBlockK + c] = bf16_pair(k, 2 * d, D);
+    }
+    for (int64_t c = 0; c < kBlockK / 2; ++c) {
+      uint32_t* out = v + c * dvp;
+      if (2 * c + 1 < cols) {
+        const uint16_t* v0 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c)->bits;
+        const uint16_t* v1 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c + 1)->bits;
+        for (int64_t e = 0; e < Dv; ++e) out[e] = uint32_t(v0[e]) | uint32_t(v1[e]) << 16;
+      } else if (2 * c < cols) {
+        const uint16_t* v0 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c)->bits;
+        for (int64_t e = 0; e < Dv; ++e) out[e] = v0[e];
+      } else {
+        std::fill(out, out + Dv, 0u);
+      }
+      std::fill(out + Dv, out + dvp, 0u);
+    }
+  }
+}
+
 template <typename T, typename C>
 void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, std::vector<C>& rows) {
   const SeqHead s{b, p.seq_q(b), p.seq_k(b), p.tok_q(b), p.tok_k(b)};
   rows.resize(size_t(kBlockK * kv.dp));
   for (int64_t kb = 0; kb * kBlockK < s.sk; ++kb)
-    pack_kv_tile<T, C>(p, s, hk, kb, kv.dp, kv.dvp, rows.data(), kv.kt(b, hk, s.sk, kb), kv.v(b, hk, s.sk, kb));
+    if (kv.pairs)
+      pack_kv_tile_pairs<T>(p, s, hk, kb, kv.dp, kv.dvp, reinterpret_cast<uint32_t*>(kv.kt(b, hk, s.sk, kb)),
+                            reinterpret_cast<uint32_t*>(kv.v(b, hk, s.sk, kb)));
+    else
+      pack_kv_tile<T, C>(p, s, hk, kb, kv.dp, kv.dvp, rows.data(), kv.kt(b, hk, s.sk, kb), kv.v(b, hk, s.sk, kb));
 }
 
 // Direct tiles (decoding) handle keys in groups of kDirectGroup: the score pass takes W of
@@ -313,11 +375,14 @@ struct ForwardScratch {
   // (read in place) or of C (converted into kt / v).
   std::vector<const void*> krows, vrows;
   std::vector<C> zero;                 // direct tiles: a zero row (padding keys)
+  std::vector<uint16_t> pb;            // pair tiles: P rounded to bfloat16 (kBlockQ x kBlockK)
   Visits visits;
 
   // nkv: kv heads per work item (direct tiles of a decoding call may stack several).
-  static ForwardScratch& get(int64_t dp, int64_t dvp, bool packs, bool k_copy, bool v_copy, int64_t nkv) {
+  static ForwardScratch& get(int64_t dp, int64_t dvp, bool packs, bool k_copy, bool v_copy, int64_t nkv,
+                             bool pairs) {
     thread_local ForwardScratch w;
+    if (pairs) grow(w.pb, kBlockQ * kBlockK);
     grow(w.q, kBlockQ * dp), grow(w.s, kBlockQ * kBlockK), grow(w.o, kBlockQ * dvp);
     grow(w.m, kBlockQ), grow(w.l, kBlockQ * Vec<C>::N), grow(w.raw, kBlockQ), grow(w.zero, std::max(dp, dvp));
     grow(w.krows, nkv * kBlockK), grow(w.vrows, nkv * kBlockK);
@@ -617,9 +682,20 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   const int64_t qrows = direct ? rows : mrows, R_pad = direct ? R : mrows;
   const int64_t rpk = std::min(nh, group) * rows;  // stacked rows per kv head
   const bool prefetch = kv.prefetch && p.k_stride[1] > 2 * nkv * D;  // (kPrefetchMinBytes)
+  // Packed tiles of bfloat16 pairs (kv.pairs): Q K^T and P V run on gemm_bf16_epilogue, with
+  // P rounded to bfloat16 for P V as FlashAttention's GPU kernels do; direct tiles keep
+  // reading rows in place. q rows and K / V tiles then hold pairs (qp, reinterpreted).
+  constexpr bool kPairs = kHaveBf16Gemm && std::is_same_v<T, bf16_t> && std::is_same_v<C, float>;
+  const bool pairs = kPairs && kv.pairs && !direct;
+  uint32_t* qp = reinterpret_cast<uint32_t*>(w.q.data());
   for (int64_t g = 0; g < nh; ++g) {
     const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] +
                  (h0 + g) * p.q_stride[2];
+    if constexpr (kPairs)
+      if (pairs) {
+        pack_rows_pairs(q, p.q_stride[1], rows, D, qp + g * rows * (dp / 2), qrows, dp / 2);
+        continue;
+      }
     pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), w.q.data() + g * rows * dp, qrows, dp);
   }
   std::fill(w.o.begin(), w.o.begin() + R_pad * dvp, C(0));
@@ -644,19 +720,33 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
       else
         direct_scores<T, C, C>(p, s, hk, nkv, visit.j0, R, rpk, w.q.data(), dp, w.krows.data(), w.s.data(), prefetch);
     } else if (kv.streamed) {
-      pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
+      if (pairs)
+        pack_kv_tile_pairs<T>(p, s, hk, kb, dp, dvp, reinterpret_cast<uint32_t*>(w.kt.data()),
+                              reinterpret_cast<uint32_t*>(w.v.data()));
+      else
+        pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
     }
     // Plain tiles (every column a visible key, scores needing nothing after Q K^T) take
     // exp inside the GEMM (scores_exp_epilogue); rows it leaves raw are flagged in w.raw.
     const bool plain = !direct && plain_tile(p, s, visit);
-    if (plain) {
-      C* S = w.s.data();
-      gemm_epilogue<C, false, false>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK,
-                                     [&](int64_t m0, int64_t n0, auto& acc) {
-                                       scores_exp_epilogue(m0, n0, acc, w.m.data(), w.l.data(), w.raw.data(), S);
-                                     });
+    C* S = w.s.data();
+    auto exp_epi = [&](int64_t m0, int64_t n0, auto& acc) {
+      scores_exp_epilogue(m0, n0, acc, w.m.data(), w.l.data(), w.raw.data(), S);
+    };
+    if (pairs) {
+      if constexpr (kPairs) {
+        const uint32_t* ktp = reinterpret_cast<const uint32_t*>(kt);
+        if (plain)
+          gemm_bf16_epilogue<false>(mrows, kBlockK, (D + 1) / 2, qp, dp / 2, ktp, kBlockK, nullptr, 0, float(p.scale),
+                                    exp_epi);
+        else
+          gemm_bf16_epilogue<false>(mrows, kBlockK, (D + 1) / 2, qp, dp / 2, ktp, kBlockK, nullptr, 0, float(p.scale),
+                                    [&](int64_t m0, int64_t n0, auto& acc) { store_tile(acc, S + m0 * kBlockK + n0, kBlockK); });
+      }
+    } else if (plain) {
+      gemm_epilogue<C, false, false>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK, exp_epi);
     } else if (!direct) {
-      gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, w.s.data(), kBlockK);
+      gemm<C>(mrows, kBlockK, D, w.q.data(), dp, kt, kBlockK, S, kBlockK);
     }
     if (!plain)
       for (int64_t g = 0; g < nh; ++g)
@@ -696,7 +786,17 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
         direct_pv<C, C>(cols, R, rpk, w.s.data(), dvp, w.vrows.data(), w.o.data());
     } else {
       for (int64_t r = rows; r < mrows; ++r) std::fill(w.s.data() + r * kBlockK, w.s.data() + (r + 1) * kBlockK, C(0));
-      gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
+      if (pairs) {
+        if constexpr (kPairs) {
+          floats_to_bf16(w.s.data(), mrows * kBlockK, w.pb.data());
+          C* O = w.o.data();
+          gemm_bf16_epilogue<true>(mrows, dvp, kBlockK / 2, reinterpret_cast<const uint32_t*>(w.pb.data()), kBlockK / 2,
+                                   reinterpret_cast<const uint32_t*>(vt), dvp, O, dvp, 1.0f,
+                                   [&](int64_t m0, int64_t n0, auto& acc) { store_tile(acc, O + m0 * dvp + n0, dvp); });
+        }
+      } else {
+        gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
+      }
     }
   }
 
@@ -810,6 +910,7 @@ template <typename T, typename C>
 void forward(const AttentionParams& p) {
   const int64_t tq = query_tile(p), nqb = (p.seqlen_q + tq - 1) / tq;
   PackedKV<C> kv(p, tq);
+  kv.pairs = kHaveBf16Gemm && std::is_same_v<T, bf16_t> && cpu_bf16_dot();
   double kv_bytes = 0;
   for (int64_t b = 0; b < p.batch; ++b)
     kv_bytes += double(p.seq_k(b)) * double(p.heads_kv) * double(p.head_dim + p.head_dim_v) * double(sizeof(T));
@@ -832,7 +933,7 @@ void forward(const AttentionParams& p) {
   auto scratch = [&](int64_t nh) -> ForwardScratch<C>& {
     return ForwardScratch<C>::get(kv.dp, kv.dvp, kv.streamed && !kv.all_direct, row_copy<T, C>(p.head_dim, kv.dp),
                                   row_copy<T, C>(p.head_dim_v, kv.dvp),
-                                  item_kv_heads(p, nh));
+                                  item_kv_heads(p, nh), kv.pairs && !kv.all_direct);
   };
 
   if (kv.all_direct && !p.sparse) {  // decoding: work items (sequence, head item, key range)

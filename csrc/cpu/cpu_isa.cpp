@@ -7,8 +7,9 @@ namespace longattn {
 
 namespace {
 
-// LONGATTN_CPU_ISA=avx2 or baseline caps the level the kernels dispatch to (for testing the
-// narrower kernels on a wider CPU); other values, and levels the CPU lacks, are ignored.
+// LONGATTN_CPU_ISA=avx512, avx2 or baseline caps the level the kernels dispatch to (for
+// testing the narrower kernels on a wider CPU; avx512 turns off the bfloat16 dot product);
+// other values, and levels the CPU lacks, are ignored.
 CpuIsa cap_from_env(CpuIsa detected) {
   const char* env = std::getenv("LONGATTN_CPU_ISA");
   if (!env) return detected;
@@ -37,6 +38,21 @@ CpuIsa cpu_isa() {
   return isa;
 #else
   return CpuIsa::Baseline;
+#endif
+}
+
+bool cpu_bf16_dot() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(LONGATTN_HAVE_AVX512)
+  static const bool yes = [] {
+    const char* env = std::getenv("LONGATTN_CPU_ISA");
+    if (env && (std::string(env) == "avx512" || std::string(env) == "avx2" || std::string(env) == "baseline"))
+      return false;
+    __builtin_cpu_init();
+    return cpu_isa() == CpuIsa::AVX512 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+#else
+  return false;
 #endif
 }
 

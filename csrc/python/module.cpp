@@ -623,6 +623,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 py::dict build_info() {
   py::dict d;
   d["cpu_isa"] = cpu_isa_name(cpu_isa());
+  d["cpu_bf16_dot"] = cpu_bf16_dot();
   d["num_threads"] = num_threads();
   d["cpu_cache_limit"] = host_cache_limit();
 #if defined(LONGATTN_WITH_CUDA)

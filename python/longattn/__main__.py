@@ -17,7 +17,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"longattn {info.get('version', '?')}")
     cache = info.get("cpu_cache_limit")
     cache = f", scratch cache {cache >> 20} MiB" if isinstance(cache, int) else ""
-    print(f"  CPU backend   {info.get('cpu_isa', '?')}, {info.get('num_threads', '?')} threads{cache}")
+    isa = str(info.get("cpu_isa", "?")) + (" + bf16 dot product" if info.get("cpu_bf16_dot") else "")
+    print(f"  CPU backend   {isa}, {info.get('num_threads', '?')} threads{cache}")
     if info.get("cuda_compiled"):
         archs = ", ".join(info.get("cuda_archs") or []) or "?"
         runtime = info.get("cuda_runtime_version")

@@ -8,6 +8,10 @@ enum class CpuIsa { Baseline = 0, AVX2 = 1, AVX512 = 2 };
 
 CpuIsa cpu_isa();  // best level supported by this CPU and compiled into this build
 const char* cpu_isa_name(CpuIsa isa);
+// Whether the AVX-512 kernels may use the AVX512_BF16 dot product (vdpbf16ps) for
+// bfloat16 inputs: the level is AVX-512, the CPU has the instruction and LONGATTN_CPU_ISA
+// does not cap the level (its value `avx512` means AVX-512 without it).
+bool cpu_bf16_dot();
 
 template <typename Fn>
 Fn pick_isa(Fn baseline, Fn avx2, Fn avx512) {
