@@ -308,38 +308,51 @@ inline void pack_rows_pairs(const bf16_t* src, int64_t stride, int64_t n, int64_
   }
 }
 
-// pack_kv_tile for the pair layout: K^T (dp / 2 x kBlockK lanes: lane (d, c) holds
-// k[c][2d], k[c][2d + 1]) into kt and V (kBlockK / 2 x dvp lanes: lane (c, e) holds
-// v[2c][e], v[2c + 1][e]) into v, zero past the keys and head dims.
+// Transposed pairs of rows [0, n) of a strided (token, dim) bfloat16 matrix x: lane (d, c)
+// of out (dp / 2 x kBlockK lanes) holds x[c][2d], x[c][2d + 1], zero past n rows and dim
+// columns (K^T for Q K^T, V^T for dO V^T).
+inline void pack_t_pairs(const bf16_t* x, int64_t stride, int64_t n, int64_t dim, int64_t dp, uint32_t* out) {
+  const int64_t full = dim / 2;
+  for (int64_t c = 0; c < kBlockK; ++c) {
+    if (c >= n) {
+      for (int64_t d = 0; d < dp / 2; ++d) out[d * kBlockK + c] = 0u;
+      continue;
+    }
+    const bf16_t* row = x + c * stride;
+    for (int64_t d = 0; d < full; ++d) std::memcpy(out + d * kBlockK + c, row + 2 * d, 4);  // pairs as they lie
+    for (int64_t d = full; d < dp / 2; ++d) out[d * kBlockK + c] = bf16_pair(row, 2 * d, dim);
+  }
+}
+
+// Row pairs of rows [0, n) of a strided (token, dim) bfloat16 matrix x: lane (c, e) of out
+// (npairs x ld lanes) holds x[2c][e], x[2c + 1][e], zero past n rows and dim columns (V for
+// P V, K for dS K, Q and dO for the backward's dS^T Q and P^T dO).
+inline void pack_interleaved_pairs(const bf16_t* x, int64_t stride, int64_t n, int64_t dim, int64_t ld, int64_t npairs,
+                                   uint32_t* out) {
+  for (int64_t c = 0; c < npairs; ++c) {
+    uint32_t* o = out + c * ld;
+    const uint16_t* r0 = 2 * c < n ? &x[2 * c * stride].bits : nullptr;
+    const uint16_t* r1 = 2 * c + 1 < n ? &x[(2 * c + 1) * stride].bits : nullptr;
+    if (r1)
+      for (int64_t e = 0; e < dim; ++e) o[e] = uint32_t(r0[e]) | uint32_t(r1[e]) << 16;
+    else if (r0)
+      for (int64_t e = 0; e < dim; ++e) o[e] = r0[e];
+    else
+      std::fill(o, o + dim, 0u);
+    std::fill(o + dim, o + ld, 0u);
+  }
+}
+
+// pack_kv_tile for the pair layouts: K^T (pack_t_pairs) into kt and V (kBlockK / 2 x dvp
+// lanes, pack_interleaved_pairs) into v.
 template <typename T>
 void pack_kv_tile_pairs(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_t kb, int64_t dp, int64_t dvp,
                         uint32_t* kt, uint32_t* v) {
   if constexpr (std::is_same_v<T, bf16_t>) {
     const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
-    const int64_t D = p.head_dim, Dv = p.head_dim_v, full = D / 2;
-    for (int64_t c = 0; c < kBlockK; ++c) {
-      if (c >= cols) {
-        for (int64_t d = 0; d < dp / 2; ++d) kt[d * kBlockK + c] = 0u;
-        continue;
-      }
-      const bf16_t* k = kv_row<T>(p.k, p.k_stride, s, hk, j0 + c);
-      for (int64_t d = 0; d < full; ++d) std::memcpy(kt + d * kBlockK + c, k + 2 * d, 4);  // a row's pairs as they lie
-      for (int64_t d = full; d < dp / 2; ++d) kt[d * kBlockK + c] = bf16_pair(k, 2 * d, D);
-    }
-    for (int64_t c = 0; c < kBlockK / 2; ++c) {
-      uint32_t* out = v + c * dvp;
-      if (2 * c + 1 < cols) {
-        const uint16_t* v0 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c)->bits;
-        const uint16_t* v1 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c + 1)->bits;
-        for (int64_t e = 0; e < Dv; ++e) out[e] = uint32_t(v0[e]) | uint32_t(v1[e]) << 16;
-      } else if (2 * c < cols) {
-        const uint16_t* v0 = &kv_row<T>(p.v, p.v_stride, s, hk, j0 + 2 * c)->bits;
-        for (int64_t e = 0; e < Dv; ++e) out[e] = v0[e];
-      } else {
-        std::fill(out, out + Dv, 0u);
-      }
-      std::fill(out + Dv, out + dvp, 0u);
-    }
+    pack_t_pairs(kv_row<T>(p.k, p.k_stride, s, hk, j0), p.k_stride[1], cols, p.head_dim, dp, kt);
+    pack_interleaved_pairs(kv_row<T>(p.v, p.v_stride, s, hk, j0), p.v_stride[1], cols, p.head_dim_v, dvp, kBlockK / 2,
+                           v);
   }
 }
 
@@ -789,10 +802,8 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
       if (pairs) {
         if constexpr (kPairs) {
           floats_to_bf16(w.s.data(), mrows * kBlockK, w.pb.data());
-          C* O = w.o.data();
-          gemm_bf16_epilogue<true>(mrows, dvp, kBlockK / 2, reinterpret_cast<const uint32_t*>(w.pb.data()), kBlockK / 2,
-                                   reinterpret_cast<const uint32_t*>(vt), dvp, O, dvp, 1.0f,
-                                   [&](int64_t m0, int64_t n0, auto& acc) { store_tile(acc, O + m0 * dvp + n0, dvp); });
+          gemm_bf16_acc(mrows, dvp, kBlockK / 2, reinterpret_cast<const uint32_t*>(w.pb.data()), kBlockK / 2,
+                        reinterpret_cast<const uint32_t*>(vt), dvp, w.o.data(), dvp);
         }
       } else {
         gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
@@ -1016,43 +1027,56 @@ void exact_lse(const AttentionParams& p, const SeqHead& s, float slope, int64_t 
   for (int64_t r = 0; r < rows; ++r) lse[r] = l[r] > C(0) ? m[r] + std::log(l[r]) : neg_inf<C>();
 }
 
-// P = exp(S - lse) for a plain tile (see forward_block) of the backward: the Q K^T GEMM
-// with exp taken on each register tile; rows with lse = -inf (no visible key, or padding)
-// get 0.
+// P = exp(S - lse) for a plain tile (see forward_block) of the backward, taken on each
+// register tile of the Q K^T GEMM; rows with lse = -inf (no visible key, or padding) get 0.
+template <typename C>
+struct ProbsEpilogue {
+  const C* lse;
+  C* P;
+  template <typename Tile>
+  void operator()(int64_t m0, int64_t n0, Tile& acc) const {
+    using V = typename Vec<C>::type;
+    constexpr int W = Vec<C>::N;
+#pragma GCC unroll 8
+    for (int r = 0; r < tile_rows<Tile>; ++r) {
+      C* out = P + (m0 + r) * kBlockK + n0;
+      const C shift = lse[m0 + r];
+#pragma GCC unroll 4
+      for (int c = 0; c < kGemmCols; ++c) vstore(out + c * W, shift == neg_inf<C>() ? V{} : exp_vec(acc[r][c] - shift));
+    }
+  }
+};
+
+// dS = P * (dO V^T - delta), the softmax backward taken on each register tile of the dP
+// GEMM (no softcap: its factor 1 - tanh^2 needs the tile's tanh values).
+template <typename C>
+struct DScoresEpilogue {
+  const C* P;
+  const C* delta;
+  C* dS;
+  template <typename Tile>
+  void operator()(int64_t m0, int64_t n0, Tile& acc) const {
+    constexpr int W = Vec<C>::N;
+#pragma GCC unroll 8
+    for (int r = 0; r < tile_rows<Tile>; ++r) {
+      const int64_t at = (m0 + r) * kBlockK + n0;
+      const C dl = delta[m0 + r];
+#pragma GCC unroll 4
+      for (int c = 0; c < kGemmCols; ++c) vstore(dS + at + c * W, vload(P + at + c * W) * (acc[r][c] - dl));
+    }
+  }
+};
+
 template <typename C>
 __attribute__((noinline)) void probs_gemm(int64_t D, const C* qs, int64_t dp, const C* kt, const C* lse, C* P) {
-  using V = typename Vec<C>::type;
-  constexpr int W = Vec<C>::N;
-  gemm_epilogue<C, false, false>(kBlockQ, kBlockK, D, qs, dp, kt, kBlockK, P, kBlockK,
-                                 [&](int64_t m0, int64_t n0, auto& acc) {
-#pragma GCC unroll 8
-                                   for (int r = 0; r < tile_rows<decltype(acc)>; ++r) {
-                                     C* out = P + (m0 + r) * kBlockK + n0;
-                                     const C shift = lse[m0 + r];
-#pragma GCC unroll 4
-                                     for (int c = 0; c < kGemmCols; ++c)
-                                       vstore(out + c * W, shift == neg_inf<C>() ? V{} : exp_vec(acc[r][c] - shift));
-                                   }
-                                 });
+  gemm_epilogue<C, false, false>(kBlockQ, kBlockK, D, qs, dp, kt, kBlockK, P, kBlockK, ProbsEpilogue<C>{lse, P});
 }
 
-// dS = P * (dO V^T - delta): the dP GEMM with the softmax backward taken on each register
-// tile (no softcap: its factor 1 - tanh^2 needs the tile's tanh values).
 template <typename C>
 __attribute__((noinline)) void dscores_gemm(int64_t Dv, const C* dout, int64_t dvp, const C* vt, const C* P,
                                             const C* delta, C* dS) {
-  constexpr int W = Vec<C>::N;
   gemm_epilogue<C, false, false>(kBlockQ, kBlockK, Dv, dout, dvp, vt, kBlockK, dS, kBlockK,
-                                 [&](int64_t m0, int64_t n0, auto& acc) {
-#pragma GCC unroll 8
-                                   for (int r = 0; r < tile_rows<decltype(acc)>; ++r) {
-                                     const int64_t at = (m0 + r) * kBlockK + n0;
-                                     const C dl = delta[m0 + r];
-#pragma GCC unroll 4
-                                     for (int c = 0; c < kGemmCols; ++c)
-                                       vstore(dS + at + c * W, vload(P + at + c * W) * (acc[r][c] - dl));
-                                   }
-                                 });
+                                 DScoresEpilogue<C>{P, delta, dS});
 }
 
 template <typename T, typename C>
@@ -1073,6 +1097,27 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   Visits visits;
   std::vector<C> S(kBlockQ * kBlockK), T_(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), orow(dvp), lse(kBlockQ),
       delta(kBlockQ), vrows(kBlockK * dvp);
+  // bfloat16 inputs on a CPU with AVX512_BF16 (see forward_block): the five products run on
+  // gemm_bf16_epilogue over pair layouts, P and dS rounded to bfloat16 where they are
+  // operands, as FlashAttention's GPU backward does. K / V tiles and qs then hold pairs; qi
+  // and douti hold q and dO as pairs of rows (for dS^T Q and P^T dO), doutp dO's rows as
+  // pairs (for dO V^T), pi P or dS as pairs of rows, dsb dS rounded (for dS K). The scale
+  // multiplies the Q K^T tile and dK at the end instead of q.
+  constexpr bool kPairs = kHaveBf16Gemm && std::is_same_v<T, bf16_t> && std::is_same_v<C, float>;
+  const bool pairs = kPairs && cpu_bf16_dot();
+  std::vector<uint32_t> qi(pairs ? kBlockQ / 2 * dp : 0), doutp(pairs ? kBlockQ * dvp / 2 : 0),
+      douti(pairs ? kBlockQ / 2 * dvp : 0), pi(pairs ? kBlockQ / 2 * kBlockK : 0);
+  std::vector<uint16_t> dsb(pairs ? kBlockQ * kBlockK : 0);
+  auto u32 = [](auto* x) {  // the same memory as 32-bit lanes (const stays const)
+    using U = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(x)>>, const uint32_t, uint32_t>;
+    return reinterpret_cast<U*>(x);
+  };
+  // Rows 2i and 2i + 1 of a kBlockQ x kBlockK float tile as row i of pi.
+  auto interleave_rows = [&](const C* x) {
+    if constexpr (kPairs)
+      for (int64_t i = 0; i < kBlockQ / 2; ++i)
+        bf16_interleave_rows(x + 2 * i * kBlockK, x + (2 * i + 1) * kBlockK, kBlockK, pi.data() + i * kBlockK);
+  };
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + s.tk * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + s.tk * p.v_stride[1] + hk * p.v_stride[2];
   // Every key block of this kv head, packed once for all query heads and blocks: K rows
@@ -1086,6 +1131,14 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = kb * kBlockK, cols = std::min(kBlockK, s.sk - j0);
     C* kpb = kp + kb * kBlockK * dp;
+    if (pairs) {
+      if constexpr (kPairs) {
+        pack_t_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, u32(kt + kb * dp * kBlockK));
+        pack_interleaved_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, kBlockK / 2, u32(kpb));
+        pack_t_pairs(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, dvp, u32(vt + kb * dvp * kBlockK));
+      }
+      continue;
+    }
     pack_rows<T, C>(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, C(1), kpb, kBlockK, dp);
     transpose<C>(kpb, kBlockK, dp, dp, kt + kb * dp * kBlockK, kBlockK);
     pack_rows<T, C>(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, C(1), vrows.data(),
@@ -1107,7 +1160,16 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
       T* dq = static_cast<T*>(g.dq) + b * g.dq_stride[0] + (s.tq + i0) * g.dq_stride[1] + h * g.dq_stride[2];
       std::fill(dq_acc.begin(), dq_acc.end(), C(0));
       if (any) {
-        pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), qs.data(), kBlockQ, dp);
+        if (pairs) {
+          if constexpr (kPairs) {
+            pack_rows_pairs(q, p.q_stride[1], rows, D, u32(qs.data()), kBlockQ, dp / 2);
+            pack_interleaved_pairs(q, p.q_stride[1], rows, D, dp, kBlockQ / 2, qi.data());
+            pack_rows_pairs(dO, g.dout_stride[1], rows, Dv, doutp.data(), kBlockQ, dvp / 2);
+            pack_interleaved_pairs(dO, g.dout_stride[1], rows, Dv, dvp, kBlockQ / 2, douti.data());
+          }
+        } else {
+          pack_rows<T, C>(q, p.q_stride[1], rows, D, C(p.scale), qs.data(), kBlockQ, dp);
+        }
         pack_rows<T, C>(dO, g.dout_stride[1], rows, Dv, C(1), dout.data(), kBlockQ, dvp);
         for (int64_t r = 0; r < kBlockQ; ++r) {
           if (r >= rows) {
@@ -1137,11 +1199,23 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         const C* ktb = kt + kb * dp * kBlockK;
         const C* kpb = kp + kb * kBlockK * dp;
         const C* vtb = vt + kb * dvp * kBlockK;
+        // S = Q K^T on the pair layouts, each register tile going to epi.
+        auto pair_scores = [&](auto&& epi) {
+          if constexpr (kPairs)
+            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (D + 1) / 2, u32(qs.data()), dp / 2, u32(ktb), kBlockK,
+                                      nullptr, 0, float(p.scale), epi);
+        };
         // P = exp(S - lse); rows with lse = -inf are 0. Plain tiles take exp inside the GEMM.
         if (plain_tile(p, s, visit)) {
-          probs_gemm<C>(D, qs.data(), dp, ktb, lse.data(), S.data());
+          if (pairs)
+            pair_scores(ProbsEpilogue<C>{lse.data(), S.data()});
+          else
+            probs_gemm<C>(D, qs.data(), dp, ktb, lse.data(), S.data());
         } else {
-          gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
+          if (pairs)
+            pair_scores([&](int64_t m0, int64_t n0, auto& acc) { store_tile(acc, S.data() + m0 * kBlockK + n0, kBlockK); });
+          else
+            gemm<C>(kBlockQ, kBlockK, D, qs.data(), dp, ktb, kBlockK, S.data(), kBlockK);
           finish_scores<C>(p, s, slope, i0, rows, visit, S.data(), p.softcap > 0.f ? T_.data() : nullptr);
           for (int64_t r = 0; r < kBlockQ; ++r) {
             C* row = S.data() + r * kBlockK;
@@ -1153,21 +1227,50 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
           }
         }
         // dV += P^T dO (P read transposed in place)
-        gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc + j0 * dvp, dvp);
-        // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
-        if (!(p.softcap > 0.f)) {
-          dscores_gemm<C>(Dv, dout.data(), dvp, vtb, S.data(), delta.data(), dP.data());
+        if (pairs) {
+          if constexpr (kPairs) {
+            interleave_rows(S.data());
+            gemm_bf16_acc<true>(kBlockK, dvp, kBlockQ / 2, pi.data(), kBlockK, douti.data(), dvp, dv_acc + j0 * dvp,
+                                dvp);
+          }
         } else {
-          gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
+          gemm_tn_acc<C>(kBlockK, dvp, kBlockQ, S.data(), kBlockK, dout.data(), dvp, dv_acc + j0 * dvp, dvp);
+        }
+        // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
+        auto pair_dp = [&](auto&& epi) {
+          if constexpr (kPairs)
+            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (Dv + 1) / 2, doutp.data(), dvp / 2, u32(vtb), kBlockK,
+                                      nullptr, 0, 1.0f, epi);
+        };
+        if (!(p.softcap > 0.f)) {
+          if (pairs)
+            pair_dp(DScoresEpilogue<C>{S.data(), delta.data(), dP.data()});
+          else
+            dscores_gemm<C>(Dv, dout.data(), dvp, vtb, S.data(), delta.data(), dP.data());
+        } else {
+          if (pairs)
+            pair_dp([&](int64_t m0, int64_t n0, auto& acc) { store_tile(acc, dP.data() + m0 * kBlockK + n0, kBlockK); });
+          else
+            gemm<C>(kBlockQ, kBlockK, Dv, dout.data(), dvp, vtb, kBlockK, dP.data(), kBlockK);
           for (int64_t r = 0; r < kBlockQ; ++r)
             for (int64_t c = 0; c < kBlockK; ++c) {
               const C t = c < cols && r < rows ? T_[r * kBlockK + c] : C(0);
               dP[r * kBlockK + c] = S[r * kBlockK + c] * (dP[r * kBlockK + c] - delta[r]) * (C(1) - t * t);
             }
         }
-        // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q)
-        gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
-        gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc + j0 * dp, dp);
+        // dQ += dS K (scale applied at the end); dK += dS^T (scale * Q) (pairs: dS^T Q, scaled
+        // at the end)
+        if (pairs) {
+          if constexpr (kPairs) {
+            floats_to_bf16(dP.data(), kBlockQ * kBlockK, dsb.data());
+            gemm_bf16_acc(kBlockQ, dp, kBlockK / 2, u32(dsb.data()), kBlockK / 2, u32(kpb), dp, dq_acc.data(), dp);
+            interleave_rows(dP.data());
+            gemm_bf16_acc<true>(kBlockK, dp, kBlockQ / 2, pi.data(), kBlockK, qi.data(), dp, dk_acc + j0 * dp, dp);
+          }
+        } else {
+          gemm_acc<C>(kBlockQ, dp, kBlockK, dP.data(), kBlockK, kpb, dp, dq_acc.data(), dp);
+          gemm_tn_acc<C>(kBlockK, dp, kBlockQ, dP.data(), kBlockK, qs.data(), dp, dk_acc + j0 * dp, dp);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         C* row = dq_acc.data() + r * dp;
@@ -1179,6 +1282,8 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   T* dk = static_cast<T*>(g.dk) + b * g.dk_stride[0] + s.tk * g.dk_stride[1] + hk * g.dk_stride[2];
   T* dv = static_cast<T*>(g.dv) + b * g.dv_stride[0] + s.tk * g.dv_stride[1] + hk * g.dv_stride[2];
   for (int64_t j = 0; j < s.sk; ++j) {
+    if (pairs)
+      for (int64_t d = 0; d < D; ++d) dk_acc[j * dp + d] *= C(p.scale);
     store_row<T, C>(dk_acc + j * dp, dk + j * g.dk_stride[1], D);
     store_row<T, C>(dv_acc + j * dvp, dv + j * g.dv_stride[1], Dv);
   }

@@ -179,6 +179,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const
 // Operands are "pair" matrices: A (M x K2) and B (K2 x N) of 32-bit lanes, each holding
 // the elements 2 k and 2 k + 1 of the reduction dimension (low half first), so
 // C[m][n] = sum_k A[m][k].lo B[k][n].lo + A[m][k].hi B[k][n].hi.
+// TransA: A is stored transposed, K2 x M lanes (lane (k, m) holds A's elements (m, 2k) and
+// (m, 2k + 1)), as two rows of a float matrix interleaved by bf16_interleave_rows give it.
 // Compiled into the AVX-512 level only, with the instruction enabled per function: the
 // caller checks cpu_bf16_dot() at run time.
 #if defined(__AVX512F__)
@@ -186,7 +188,7 @@ constexpr bool kHaveBf16Gemm = true;
 
 // One register tile (R rows x kGemmCols vectors) of gemm_bf16_epilogue; the finished tile,
 // times `scale` unless Accumulate, goes to epi as a GemmTile<float, R>.
-template <int R, bool Accumulate, typename Epilogue>
+template <int R, bool Accumulate, bool TransA, typename Epilogue>
 __attribute__((noinline, target("avx512bf16"))) void gemm_bf16_tile(int64_t m0, int64_t n0, int64_t K2,
                                                                      const uint32_t* A, int64_t lda, const uint32_t* B,
                                                                      int64_t ldb, const float* Cm, int64_t ldc,
@@ -198,7 +200,7 @@ __attribute__((noinline, target("avx512bf16"))) void gemm_bf16_tile(int64_t m0, 
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c)
       acc[r][c] = Accumulate ? _mm512_loadu_ps(Cm + (m0 + r) * ldc + n0 + c * W) : _mm512_setzero_ps();
-  const uint32_t* a = A + m0 * lda;
+  const uint32_t* a = TransA ? A + m0 : A + m0 * lda;
   const uint32_t* b = B + n0;
   for (int64_t k = 0; k < K2; ++k) {
     __m512i bv[NC];
@@ -206,7 +208,7 @@ __attribute__((noinline, target("avx512bf16"))) void gemm_bf16_tile(int64_t m0, 
     for (int c = 0; c < NC; ++c) bv[c] = _mm512_loadu_si512(b + k * ldb + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512i av = _mm512_set1_epi32(int32_t(a[r * lda + k]));
+      const __m512i av = _mm512_set1_epi32(int32_t(TransA ? a[k * lda + r] : a[r * lda + k]));
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)av, (__m512bh)bv[c]);
     }
@@ -222,12 +224,21 @@ __attribute__((noinline, target("avx512bf16"))) void gemm_bf16_tile(int64_t m0, 
 // Cm[M x N] (+)= scale x A B for pair matrices A, B (see above), M a multiple of
 // kGemmRows and N of gemm_col_align<float>(); each finished register tile goes to
 // epi(m0, n0, tile) as in gemm_epilogue. (scale is not applied when accumulating.)
-template <bool Accumulate, typename Epilogue>
+template <bool Accumulate, bool TransA = false, typename Epilogue>
 inline void gemm_bf16_epilogue(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                                int64_t ldb, const float* Cm, int64_t ldc, float scale, Epilogue&& epi) {
   for (int64_t n0 = 0; n0 < N; n0 += kGemmCols * Vec<float>::N)
     for (int64_t m0 = 0; m0 < M; m0 += kGemmTileRows)
-      gemm_bf16_tile<kGemmTileRows, Accumulate>(m0, n0, K2, A, lda, B, ldb, Cm, ldc, scale, epi);
+      gemm_bf16_tile<kGemmTileRows, Accumulate, TransA>(m0, n0, K2, A, lda, B, ldb, Cm, ldc, scale, epi);
+}
+
+// Cm += A B for pair matrices, stored (see gemm_acc).
+template <bool TransA = false>
+inline void gemm_bf16_acc(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
+                          int64_t ldb, float* Cm, int64_t ldc) {
+  gemm_bf16_epilogue<true, TransA>(M, N, K2, A, lda, B, ldb, Cm, ldc, 1.0f, [&](int64_t m0, int64_t n0, auto& acc) {
+    store_tile(acc, Cm + m0 * ldc + n0, ldc);
+  });
 }
 static_assert(kGemmTileRows == kGemmRows, "the bfloat16 GEMM has no row tail");
 
@@ -238,13 +249,28 @@ __attribute__((target("avx512bf16"))) inline void floats_to_bf16(const float* x,
     _mm512_storeu_si512(out + i, (__m512i)h);
   }
 }
+
+// out[c] = bfloat16(r0[c]) | bfloat16(r1[c]) << 16 (nearest even), n a multiple of 16: two
+// rows of a float matrix as one row of the transposed pair layout (TransA above).
+__attribute__((target("avx512bf16"))) inline void bf16_interleave_rows(const float* r0, const float* r1, int64_t n,
+                                                                        uint32_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + i)));
+    const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r1 + i)));
+    _mm512_storeu_si512(out + i, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
 #else
 constexpr bool kHaveBf16Gemm = false;
 // Declared for code behind `if constexpr (kHaveBf16Gemm)`; never defined or called here.
-template <bool Accumulate, typename Epilogue>
+template <bool Accumulate, bool TransA = false, typename Epilogue>
 void gemm_bf16_epilogue(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B,
                         int64_t ldb, const float* Cm, int64_t ldc, float scale, Epilogue&& epi);
+template <bool TransA = false>
+void gemm_bf16_acc(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda, const uint32_t* B, int64_t ldb,
+                   float* Cm, int64_t ldc);
 void floats_to_bf16(const float* x, int64_t n, uint16_t* out);
+void bf16_interleave_rows(const float* r0, const float* r1, int64_t n, uint32_t* out);
 #endif
 
 // transpose_sum: lane c of the result is the sum of the lanes of v[c], for W = Vec<C>::N
