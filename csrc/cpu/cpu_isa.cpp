@@ -1,6 +1,7 @@
 #include "longattn/cpu_isa.h"
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 namespace longattn {
@@ -10,12 +11,19 @@ namespace {
 // LONGATTN_CPU_ISA=avx512, avx2 or baseline caps the level the kernels dispatch to (for
 // testing the narrower kernels on a wider CPU; avx512 turns off the bfloat16 dot product);
 // other values, and levels the CPU lacks, are ignored.
-CpuIsa cap_from_env(CpuIsa detected) {
+std::optional<CpuIsa> env_cap() {
   const char* env = std::getenv("LONGATTN_CPU_ISA");
-  if (!env) return detected;
+  if (!env) return std::nullopt;
   const std::string v(env);
-  const CpuIsa cap = v == "baseline" ? CpuIsa::Baseline : v == "avx2" ? CpuIsa::AVX2 : CpuIsa::AVX512;
-  return int(cap) < int(detected) ? cap : detected;
+  if (v == "baseline") return CpuIsa::Baseline;
+  if (v == "avx2") return CpuIsa::AVX2;
+  if (v == "avx512") return CpuIsa::AVX512;
+  return std::nullopt;
+}
+
+CpuIsa cap_from_env(CpuIsa detected) {
+  const std::optional<CpuIsa> cap = env_cap();
+  return cap && int(*cap) < int(detected) ? *cap : detected;
 }
 
 }  // namespace
@@ -44,9 +52,7 @@ CpuIsa cpu_isa() {
 bool cpu_bf16_dot() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(LONGATTN_HAVE_AVX512)
   static const bool yes = [] {
-    const char* env = std::getenv("LONGATTN_CPU_ISA");
-    if (env && (std::string(env) == "avx512" || std::string(env) == "avx2" || std::string(env) == "baseline"))
-      return false;
+    if (env_cap()) return false;
     __builtin_cpu_init();
     return cpu_isa() == CpuIsa::AVX512 && __builtin_cpu_supports("avx512bf16");
   }();
