@@ -293,6 +293,12 @@ void pack_kv_tile(const AttentionParams& p, const SeqHead& s, int64_t hk, int64_
 // two bfloat16 values of the reduction dimension. Query rows: lane d of row r holds
 // elements 2d, 2d + 1 of query r (its bfloat16 row as it lies); the softmax scale is
 // applied to the product instead, so no rounding is added to q.
+// The same memory as 32-bit pair lanes (const stays const).
+template <typename X>
+inline auto as_lanes(X* x) {
+  using U = std::conditional_t<std::is_const_v<X>, const uint32_t, uint32_t>;
+  return reinterpret_cast<U*>(x);
+}
 inline uint32_t bf16_pair(const bf16_t* row, int64_t i, int64_t n) {  // elements i, i + 1 (0 past n)
   return (i < n ? uint32_t(row[i].bits) : 0u) | (i + 1 < n ? uint32_t(row[i + 1].bits) << 16 : 0u);
 }
@@ -362,8 +368,8 @@ void pack_kv(const AttentionParams& p, PackedKV<C>& kv, int64_t b, int64_t hk, s
   rows.resize(size_t(kBlockK * kv.dp));
   for (int64_t kb = 0; kb * kBlockK < s.sk; ++kb)
     if (kv.pairs)
-      pack_kv_tile_pairs<T>(p, s, hk, kb, kv.dp, kv.dvp, reinterpret_cast<uint32_t*>(kv.kt(b, hk, s.sk, kb)),
-                            reinterpret_cast<uint32_t*>(kv.v(b, hk, s.sk, kb)));
+      pack_kv_tile_pairs<T>(p, s, hk, kb, kv.dp, kv.dvp, as_lanes(kv.kt(b, hk, s.sk, kb)),
+                            as_lanes(kv.v(b, hk, s.sk, kb)));
     else
       pack_kv_tile<T, C>(p, s, hk, kb, kv.dp, kv.dvp, rows.data(), kv.kt(b, hk, s.sk, kb), kv.v(b, hk, s.sk, kb));
 }
@@ -700,7 +706,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
   // reading rows in place. q rows and K / V tiles then hold pairs (qp, reinterpreted).
   constexpr bool kPairs = kHaveBf16Gemm && std::is_same_v<T, bf16_t> && std::is_same_v<C, float>;
   const bool pairs = kPairs && kv.pairs && !direct;
-  uint32_t* qp = reinterpret_cast<uint32_t*>(w.q.data());
+  uint32_t* qp = as_lanes(w.q.data());
   for (int64_t g = 0; g < nh; ++g) {
     const T* q = static_cast<const T*>(p.q) + s.b * p.q_stride[0] + (s.tq + i0) * p.q_stride[1] +
                  (h0 + g) * p.q_stride[2];
@@ -734,8 +740,8 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
         direct_scores<T, C, C>(p, s, hk, nkv, visit.j0, R, rpk, w.q.data(), dp, w.krows.data(), w.s.data(), prefetch);
     } else if (kv.streamed) {
       if (pairs)
-        pack_kv_tile_pairs<T>(p, s, hk, kb, dp, dvp, reinterpret_cast<uint32_t*>(w.kt.data()),
-                              reinterpret_cast<uint32_t*>(w.v.data()));
+        pack_kv_tile_pairs<T>(p, s, hk, kb, dp, dvp, as_lanes(w.kt.data()),
+                              as_lanes(w.v.data()));
       else
         pack_kv_tile<T, C>(p, s, hk, kb, dp, dvp, w.rows.data(), w.kt.data(), w.v.data());
     }
@@ -748,7 +754,7 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
     };
     if (pairs) {
       if constexpr (kPairs) {
-        const uint32_t* ktp = reinterpret_cast<const uint32_t*>(kt);
+        const uint32_t* ktp = as_lanes(kt);
         if (plain)
           gemm_bf16_epilogue<false>(mrows, kBlockK, (D + 1) / 2, qp, dp / 2, ktp, kBlockK, nullptr, 0, float(p.scale),
                                     exp_epi);
@@ -802,8 +808,8 @@ void forward_block(const AttentionParams& p, PackedKV<C>& kv, const SeqHead& s, 
       if (pairs) {
         if constexpr (kPairs) {
           floats_to_bf16(w.s.data(), mrows * kBlockK, w.pb.data());
-          gemm_bf16_acc(mrows, dvp, kBlockK / 2, reinterpret_cast<const uint32_t*>(w.pb.data()), kBlockK / 2,
-                        reinterpret_cast<const uint32_t*>(vt), dvp, w.o.data(), dvp);
+          gemm_bf16_acc(mrows, dvp, kBlockK / 2, as_lanes(w.pb.data()), kBlockK / 2,
+                        as_lanes(vt), dvp, w.o.data(), dvp);
         }
       } else {
         gemm_acc<C>(mrows, dvp, kBlockK, w.s.data(), kBlockK, vt, dvp, w.o.data(), dvp);
@@ -1108,10 +1114,6 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
   std::vector<uint32_t> qi(pairs ? kBlockQ / 2 * dp : 0), doutp(pairs ? kBlockQ * dvp / 2 : 0),
       douti(pairs ? kBlockQ / 2 * dvp : 0), pi(pairs ? kBlockQ / 2 * kBlockK : 0);
   std::vector<uint16_t> dsb(pairs ? kBlockQ * kBlockK : 0);
-  auto u32 = [](auto* x) {  // the same memory as 32-bit lanes (const stays const)
-    using U = std::conditional_t<std::is_const_v<std::remove_pointer_t<decltype(x)>>, const uint32_t, uint32_t>;
-    return reinterpret_cast<U*>(x);
-  };
   // Rows 2i and 2i + 1 of a kBlockQ x kBlockK float tile as row i of pi.
   auto interleave_rows = [&](const C* x) {
     if constexpr (kPairs)
@@ -1133,9 +1135,9 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
     C* kpb = kp + kb * kBlockK * dp;
     if (pairs) {
       if constexpr (kPairs) {
-        pack_t_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, u32(kt + kb * dp * kBlockK));
-        pack_interleaved_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, kBlockK / 2, u32(kpb));
-        pack_t_pairs(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, dvp, u32(vt + kb * dvp * kBlockK));
+        pack_t_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, as_lanes(kt + kb * dp * kBlockK));
+        pack_interleaved_pairs(k + j0 * p.k_stride[1], p.k_stride[1], cols, D, dp, kBlockK / 2, as_lanes(kpb));
+        pack_t_pairs(v + j0 * p.v_stride[1], p.v_stride[1], cols, Dv, dvp, as_lanes(vt + kb * dvp * kBlockK));
       }
       continue;
     }
@@ -1162,7 +1164,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
       if (any) {
         if (pairs) {
           if constexpr (kPairs) {
-            pack_rows_pairs(q, p.q_stride[1], rows, D, u32(qs.data()), kBlockQ, dp / 2);
+            pack_rows_pairs(q, p.q_stride[1], rows, D, as_lanes(qs.data()), kBlockQ, dp / 2);
             pack_interleaved_pairs(q, p.q_stride[1], rows, D, dp, kBlockQ / 2, qi.data());
             pack_rows_pairs(dO, g.dout_stride[1], rows, Dv, doutp.data(), kBlockQ, dvp / 2);
             pack_interleaved_pairs(dO, g.dout_stride[1], rows, Dv, dvp, kBlockQ / 2, douti.data());
@@ -1202,7 +1204,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         // S = Q K^T on the pair layouts, each register tile going to epi.
         auto pair_scores = [&](auto&& epi) {
           if constexpr (kPairs)
-            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (D + 1) / 2, u32(qs.data()), dp / 2, u32(ktb), kBlockK,
+            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (D + 1) / 2, as_lanes(qs.data()), dp / 2, as_lanes(ktb), kBlockK,
                                       nullptr, 0, float(p.scale), epi);
         };
         // P = exp(S - lse); rows with lse = -inf are 0. Plain tiles take exp inside the GEMM.
@@ -1239,7 +1241,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         // dP = dO V^T; dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2
         auto pair_dp = [&](auto&& epi) {
           if constexpr (kPairs)
-            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (Dv + 1) / 2, doutp.data(), dvp / 2, u32(vtb), kBlockK,
+            gemm_bf16_epilogue<false>(kBlockQ, kBlockK, (Dv + 1) / 2, doutp.data(), dvp / 2, as_lanes(vtb), kBlockK,
                                       nullptr, 0, 1.0f, epi);
         };
         if (!(p.softcap > 0.f)) {
@@ -1263,7 +1265,7 @@ void backward_item(const AttentionGradParams& g, int64_t b, int64_t hk) {
         if (pairs) {
           if constexpr (kPairs) {
             floats_to_bf16(dP.data(), kBlockQ * kBlockK, dsb.data());
-            gemm_bf16_acc(kBlockQ, dp, kBlockK / 2, u32(dsb.data()), kBlockK / 2, u32(kpb), dp, dq_acc.data(), dp);
+            gemm_bf16_acc(kBlockQ, dp, kBlockK / 2, as_lanes(dsb.data()), kBlockK / 2, as_lanes(kpb), dp, dq_acc.data(), dp);
             interleave_rows(dP.data());
             gemm_bf16_acc<true>(kBlockK, dp, kBlockQ / 2, pi.data(), kBlockK, qi.data(), dp, dk_acc + j0 * dp, dp);
           }

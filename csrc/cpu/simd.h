@@ -187,7 +187,9 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const C* A, int64_t lda, const
 constexpr bool kHaveBf16Gemm = true;
 
 // One register tile (R rows x kGemmCols vectors) of gemm_bf16_epilogue; the finished tile,
-// times `scale` unless Accumulate, goes to epi as a GemmTile<float, R>.
+// times `scale` unless Accumulate, goes to epi as a GemmTile<float, R>. The twin of
+// gemm_tile with vdpbf16ps on pair lanes for the multiply-add; kept apart rather than
+// parameterized so each k loop stays a plain sequence of loads and one instruction kind.
 template <int R, bool Accumulate, bool TransA, typename Epilogue>
 __attribute__((noinline, target("avx512bf16"))) void gemm_bf16_tile(int64_t m0, int64_t n0, int64_t K2,
                                                                      const uint32_t* A, int64_t lda, const uint32_t* B,
